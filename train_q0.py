@@ -1,0 +1,1295 @@
+"""q0: hyper-epoch pretraining in one file.
+
+A fixed dataset, a large compute budget: instead of training one model for many epochs (it
+saturates after ~16), train a *population*. A few parallel trajectories ("bases") run a
+cyclic, anti-correlated LR / weight-decay schedule and save a snapshot at the end of every
+cycle; each cycle distils from the previous snapshot of its own base (chain distillation);
+fit_prior.py then weights the snapshots and eval.py scores the probability-averaged ensemble.
+
+    python train_q0.py --preset cpu                   # a laptop CPU, a few minutes
+    torchrun --nproc_per_node=8 train_q0.py           # the 1.8B Slowrun configuration, 8xH100
+
+Read top to bottom: configuration, data, model, optimiser, schedule, distillation,
+evaluation, run directory, population layout, training, main.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import struct
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+# =============================================================================================
+# Configuration
+# =============================================================================================
+# Flags default to the 1.8B Slowrun q0 record configuration (5 bases x 96 cycles x 2 epochs,
+# 480 snapshots). A preset replaces the size-related defaults; explicit flags override both.
+
+PRESETS = {
+    "slowrun": {},  # the defaults below
+    # README's main job: bytes-level Shakespeare, one base, a few minutes on 2 CPU cores.
+    "cpu": dict(
+        data_dir="data/shakespeare/bytes", n_layer=4, d_model=128, n_head=4, mlp_hidden=384,
+        seq_len=128, short_window=64, batch_seqs=32, device_batch=32, fitness_tokens=1,
+        train_tokens=65536, val_tokens=32768, bases=1, cycles=5, cycle_epochs=1.0,
+        first_cycle_epochs=3.0, distill_from_cycle=2, lr_matrix=0.02, lr_embed=0.05,
+        lr_head=0.004, lr_scalar=0.02, weight_decay=0.2, eval_batch=32,
+    ),
+    # The tests: seconds per run.
+    "tiny": dict(
+        data_dir="data/shakespeare/bytes", n_layer=2, d_model=32, n_head=2, mlp_hidden=64,
+        seq_len=32, short_window=16, batch_seqs=8, device_batch=8, fitness_tokens=1,
+        train_tokens=4096, val_tokens=2048, bases=1, cycles=3, cycle_epochs=1.0,
+        first_cycle_epochs=1.0, distill_from_cycle=2, lr_matrix=0.02, lr_embed=0.05,
+        lr_head=0.004, lr_scalar=0.02, weight_decay=0.2, eval_batch=16,
+    ),
+}
+
+# Flags that do not change the population: a resumed run may change these freely.
+NON_POPULATION_FLAGS = {
+    "preset", "run_name", "runs_dir", "device_batch", "eval_batch", "compile", "log_every",
+    "checkpoint_minutes", "wandb_project", "stop_after_steps",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), default="slowrun", help="size preset; flags override it")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="data/fineweb",
+                   help="folder with train.q0t and val.q0t (or Slowrun's fineweb_{train,val}.pt, or "
+                        "modded-nanogpt .bin shards)")
+    g.add_argument("--train-tokens", type=int, default=0,
+                   help="use only the first N training tokens after the fitness carve (0: all)")
+    g.add_argument("--val-tokens", type=int, default=0, help="use only the first N validation tokens (0: all)")
+    g.add_argument("--fitness-tokens", type=int, default=131072,
+                   help="whole documents carved from the front of the training data until at least this "
+                        "many tokens; never trained on; the prior is fitted on them")
+    g = p.add_argument_group("model")
+    g.add_argument("--n-layer", type=int, default=30)
+    g.add_argument("--d-model", type=int, default=2048)
+    g.add_argument("--n-head", type=int, default=16)
+    g.add_argument("--mlp-hidden", type=int, default=5632, help="SwiGLU hidden width")
+    g.add_argument("--seq-len", type=int, default=2048)
+    g.add_argument("--short-window", type=int, default=1024, help="window of the S layers in the SSSL pattern")
+    g.add_argument("--dropout", type=float, default=0.1)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-seqs", type=int, default=256, help="global batch in sequences (256 x 2048 = 524,288 tokens)")
+    g.add_argument("--device-batch", type=int, default=8, help="sequences per forward pass per process")
+    g.add_argument("--lr-matrix", type=float, default=0.01, help="Muon peak LR (hidden matrices)")
+    g.add_argument("--lr-embed", type=float, default=0.0375, help="AdamW peak LR (token embedding)")
+    g.add_argument("--lr-head", type=float, default=0.0005, help="AdamW peak LR (output head)")
+    g.add_argument("--lr-scalar", type=float, default=0.025, help="AdamW peak LR (scalars)")
+    g.add_argument("--weight-decay", type=float, default=1.3,
+                   help="peak decoupled weight decay of the Muon matrices (multiplied by the LR)")
+    g.add_argument("--muon-momentum", type=float, default=0.95)
+    g.add_argument("--muon-row-norm", type=int, choices=[0, 1], default=1,
+                   help="1: normalise the orthogonalised update row-wise by a second moment (NorMuon)")
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g = p.add_argument_group("population layout (the epoch budget is bases x total epochs per base)")
+    g.add_argument("--bases", type=int, default=5, help="parallel trajectories, each its own seed and data order")
+    g.add_argument("--cycles", type=int, default=96, help="cycles per base = snapshots per base")
+    g.add_argument("--cycle-epochs", type=float, default=2.0, help="length of every cycle after the first")
+    g.add_argument("--first-cycle-epochs", type=float, default=2.0,
+                   help="length of the first cycle: a longer stretch before the first snapshot")
+    g.add_argument("--groups", type=int, default=0,
+                   help="process groups bases are placed on (0: gcd(bases, world size)); must divide both")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("cyclic schedule")
+    g.add_argument("--lr-floor", type=float, default=0.08, help="LR multiplier at the end of each cycle")
+    g.add_argument("--wd-floor", type=float, default=0.7, help="weight-decay multiplier at peak LR")
+    g.add_argument("--snapshot-noise", type=float, nargs=2, default=[0.25, 0.05], metavar=("START", "END"),
+                   help="after each snapshot add N(0, (s*std(W))^2) to every weight matrix, s cosine-decayed "
+                        "from START to END over the cycles; 0 0 turns it off")
+    g.add_argument("--batch-schedule", type=float, default=0.75,
+                   help="batch multiplier of the first and last quarter of the cycles (1: constant batch)")
+    g = p.add_argument_group("chain distillation")
+    g.add_argument("--distill-from-cycle", type=int, default=9,
+                   help="first cycle that distils from the previous snapshot (0: never)")
+    g.add_argument("--distill-alpha", type=float, default=0.45)
+    g.add_argument("--distill-temperature", type=float, default=1.2)
+    g = p.add_argument_group("snapshots, logs and runs")
+    g.add_argument("--runs-dir", default="runs")
+    g.add_argument("--run-name", default="", help="default: <preset>-<bases>x<cycles>-seed<seed>")
+    g.add_argument("--val-probs", type=int, choices=[0, 1], default=1,
+                   help="cache every snapshot's validation probabilities (what eval.py's fast path reads)")
+    g.add_argument("--eval-batch", type=int, default=8, help="sequences per forward pass in evaluation")
+    g.add_argument("--log-every", type=int, default=10, help="steps between training-loss lines")
+    g.add_argument("--checkpoint-minutes", type=float, default=30.0,
+                   help="also checkpoint this often within a cycle (cycle ends always checkpoint)")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the model (auto: on CUDA only)")
+    g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs wandb installed)")
+    g.add_argument("--stop-after-steps", type=int, default=0,
+                   help="debugging: exit after this many optimiser steps of this invocation (resume continues)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(**PRESETS[preset])
+    args = parser.parse_args(argv)
+    if not args.run_name:
+        args.run_name = f"{args.preset}-{args.bases}x{args.cycles}-seed{args.seed}"
+    return args
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2, before any training starts."""
+
+
+# =============================================================================================
+# Files: hashing and atomic writes (a crash never leaves half a file under a real name)
+# =============================================================================================
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic(path, write):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_torch_save(obj, path):
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path, text: str):
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_save_npy(path, array: np.ndarray):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    _atomic(path, write)
+
+
+# =============================================================================================
+# Data: one shard format, plus the two formats Slowrun and modded-nanogpt users have on disk
+# =============================================================================================
+# .q0t layout (little-endian): a 256-byte header, then num_tokens token ids.
+#   0 magic b"Q0TOKENS" | 8 u32 version | 12 u32 bytes per token (2 or 4) | 16 u64 num_tokens
+#   24 u32 vocab_size | 28 u32 bos_id | 32 u64 num_docs | 40 u64 text_bytes (UTF-8 bytes of the
+#   documents, for bits per byte) | 48 32s tokenizer name | 80 32s sha256 of the token payload
+# Every document starts with bos_id, so document boundaries are recoverable from tokens alone.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = b"Q0TOKENS", 1, 256
+_SHARD_STRUCT = struct.Struct("<8sIIQIIQQ32s32s")
+MODDED_MAGIC, MODDED_VERSION = 20240520, 1
+DATA_COMMANDS = {
+    "bytes": "python data/shakespeare.py --tokenizer bytes",
+    "gpt2": "python data/fineweb.py  (or: python data/shakespeare.py --tokenizer gpt2)",
+}
+
+
+class DataError(UsageError):
+    pass
+
+
+def _rebuild_hint(path) -> str:
+    name = str(path)
+    if "shakespeare" in name:
+        tok = "gpt2" if "gpt2" in name else "bytes"
+        return f"python data/shakespeare.py --tokenizer {tok}"
+    return "python data/fineweb.py"
+
+
+@dataclasses.dataclass
+class TokenFile:
+    tokens: np.ndarray
+    vocab_size: int
+    bos_id: int
+    tokenizer: str
+    text_bytes: int | None  # None: not recorded by the format
+    path: str
+    format: str
+
+
+def write_shard(path, tokens: np.ndarray, *, vocab_size: int, bos_id: int, tokenizer: str,
+                text_bytes: int) -> dict:
+    """Write a .q0t shard atomically; an existing file is never overwritten."""
+    path = Path(path)
+    if path.exists():
+        raise DataError(f"{path} already exists; delete it first to rebuild it")
+    tokens = np.asarray(tokens)
+    if tokens.size == 0 or tokens[0] != bos_id:
+        raise DataError(f"{path}: token stream must be non-empty and start with the BOS token {bos_id}")
+    if int(tokens.max()) >= vocab_size:
+        raise DataError(f"{path}: token id {int(tokens.max())} outside the vocabulary of {vocab_size}")
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    payload = tokens.astype(dtype).tobytes()
+    digest = hashlib.sha256(payload).digest()
+    num_docs = int((tokens == bos_id).sum())
+    header = _SHARD_STRUCT.pack(SHARD_MAGIC, SHARD_VERSION, np.dtype(dtype).itemsize, tokens.size, vocab_size,
+                                bos_id, num_docs, text_bytes, tokenizer.encode("ascii"), digest)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header.ljust(SHARD_HEADER_BYTES, b"\0"))
+            f.write(payload)
+    _atomic(path, write)
+    return dict(path=str(path), num_tokens=int(tokens.size), num_docs=num_docs, vocab_size=vocab_size,
+                bos_id=bos_id, tokenizer=tokenizer, text_bytes=int(text_bytes), sha256=sha256_file(path))
+
+
+def _read_q0t(path: Path) -> TokenFile:
+    hint = _rebuild_hint(path)
+    raw = path.read_bytes()
+    if len(raw) < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: truncated header ({len(raw)} bytes); rebuild it with: {hint}")
+    magic, version, tok_bytes, n, vocab, bos, _docs, text_bytes, tok_name, digest = \
+        _SHARD_STRUCT.unpack_from(raw)
+    if magic != SHARD_MAGIC:
+        raise DataError(f"{path}: not a q0 token shard (bad magic); rebuild it with: {hint}")
+    if version != SHARD_VERSION:
+        raise DataError(f"{path}: shard version {version}, this code reads version {SHARD_VERSION}; "
+                        f"rebuild it with: {hint}")
+    if tok_bytes not in (2, 4) or len(raw) != SHARD_HEADER_BYTES + n * tok_bytes:
+        raise DataError(f"{path}: size {len(raw)} bytes does not match the header's {n} tokens "
+                        f"(truncated?); rebuild it with: {hint}")
+    tokens = np.frombuffer(raw, dtype=np.uint16 if tok_bytes == 2 else np.uint32, offset=SHARD_HEADER_BYTES)
+    return TokenFile(tokens, vocab, bos, tok_name.rstrip(b"\0").decode("ascii"), text_bytes, str(path), "q0")
+
+
+def _read_modded_bin(path: Path) -> TokenFile:
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    if header.size < 256 or header[0] != MODDED_MAGIC or header[1] != MODDED_VERSION:
+        raise DataError(f"{path}: not a modded-nanogpt shard (magic {MODDED_MAGIC}, version 1); "
+                        f"rebuild it with: {_rebuild_hint(path)}")
+    n = int(header[2])
+    tokens = np.fromfile(path, dtype=np.uint16, offset=256 * 4)
+    if tokens.size != n:
+        raise DataError(f"{path}: holds {tokens.size} tokens, header says {n} (truncated?); "
+                        f"rebuild it with: {_rebuild_hint(path)}")
+    return TokenFile(tokens, 50257, 50256, "gpt2", None, str(path), "modded")
+
+
+def _read_slowrun_pt(path: Path) -> TokenFile:
+    try:
+        d = torch.load(path, weights_only=True, map_location="cpu")
+        tokens = d["tokens"].numpy() if torch.is_tensor(d["tokens"]) else np.asarray(d["tokens"])
+        bos = int(d.get("bos_id", 50256))
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise DataError(f"{path}: not a readable Slowrun token file ({type(e).__name__}); "
+                        f"rebuild it with: {_rebuild_hint(path)}") from None
+    return TokenFile(tokens, int(d.get("vocab_size", 50257)), bos, "gpt2", None, str(path), "slowrun")
+
+
+def read_tokens(path, expect_vocab: int | None = None) -> TokenFile:
+    """Read any of the three formats, check it, and fail with one line that names the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} not found; build it with: {_rebuild_hint(path)}")
+    if path.suffix == ".pt":
+        tf = _read_slowrun_pt(path)
+    elif path.suffix == ".bin":
+        tf = _read_modded_bin(path)
+    else:
+        tf = _read_q0t(path)
+    if expect_vocab is not None and tf.vocab_size != expect_vocab:
+        raise DataError(f"{path}: vocabulary {tf.vocab_size} does not match the model's {expect_vocab}; "
+                        f"rebuild the data with the model's tokenizer ({_rebuild_hint(path)})")
+    if tf.tokens.size < 2 or int(tf.tokens.max()) >= tf.vocab_size:
+        raise DataError(f"{path}: token ids outside the vocabulary of {tf.vocab_size}, or fewer than 2 tokens; "
+                        f"rebuild it with: {_rebuild_hint(path)}")
+    return tf
+
+
+def find_split(data_dir, split: str) -> list[Path]:
+    """The file(s) of one split in any of the three layouts, ours first."""
+    d = Path(data_dir)
+    for candidate in (d / f"{split}.q0t", d / f"fineweb_{split}.pt"):
+        if candidate.exists():
+            return [candidate]
+    modded = sorted(d.glob(f"*_{split}_*.bin"))
+    if modded:
+        return modded
+    raise DataError(f"no {split} data in {d} (looked for {split}.q0t, fineweb_{split}.pt, *_{split}_*.bin); "
+                    f"build it with: {_rebuild_hint(d)}")
+
+
+def load_split(data_dir, split: str) -> TokenFile:
+    files = [read_tokens(p) for p in find_split(data_dir, split)]
+    first = files[0]
+    for f in files[1:]:
+        if (f.vocab_size, f.tokenizer) != (first.vocab_size, first.tokenizer):
+            raise DataError(f"{f.path}: tokenizer differs from {first.path}; rebuild with {_rebuild_hint(f.path)}")
+    if len(files) == 1:
+        return first
+    text = None if any(f.text_bytes is None for f in files) else sum(f.text_bytes for f in files)
+    return dataclasses.replace(first, tokens=np.concatenate([f.tokens for f in files]), text_bytes=text,
+                               path=",".join(f.path for f in files))
+
+
+def token_byte_lengths(tokenizer: str, vocab_size: int) -> np.ndarray | None:
+    """UTF-8 bytes of each token id (BOS counts 0): what bits per byte divides by."""
+    if tokenizer == "bytes":
+        lengths = np.ones(vocab_size, dtype=np.int64)
+        lengths[0] = 0
+        return lengths
+    try:
+        sys.path.insert(0, str(REPO_ROOT))
+        from data.tokenizers import get_tokenizer
+        return get_tokenizer(tokenizer).token_byte_lengths()
+    except Exception:  # noqa: BLE001 - bits per byte is then reported as unavailable, never guessed
+        return None
+
+
+def doc_starts(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+    starts = np.flatnonzero(tokens == bos_id)
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    return starts
+
+
+def carve_fitness(tokens: np.ndarray, bos_id: int, fitness_tokens: int):
+    """Split whole documents off the front of the training stream: (fitness, train).
+
+    The fitness set is identical for every member and never trained on; it is where the prior is
+    fitted, so it must not be the validation set.
+    """
+    starts = np.append(doc_starts(tokens, bos_id), tokens.size)
+    cut_index = int(np.searchsorted(starts, fitness_tokens, side="left"))
+    if cut_index >= starts.size - 1:
+        raise UsageError(f"the fitness set (--fitness-tokens {fitness_tokens}, whole documents) would take all "
+                         f"{tokens.size} training tokens; lower --fitness-tokens")
+    cut = int(starts[max(cut_index, 1)])
+    return tokens[:cut], tokens[cut:]
+
+
+class TrainStream:
+    """An endless stream of training tokens: epoch e is the documents in a permutation seeded by
+    (seed, base, e), concatenated. A step's global batch is `rows` windows of seq_len+1 tokens with
+    stride seq_len from a stream position, so it never depends on the number of processes, and the
+    stream position alone (no hidden state) says where a resumed run continues."""
+
+    def __init__(self, tokens: np.ndarray, bos_id: int, seed: int, base: int):
+        self.tokens, self.seed, self.base = tokens, seed, base
+        starts = doc_starts(tokens, bos_id)
+        self.doc_bounds = np.stack([starts, np.append(starts[1:], tokens.size)], axis=1)
+        self._epochs: dict[int, np.ndarray] = {}
+
+    def __len__(self):
+        return self.tokens.size
+
+    def epoch(self, e: int) -> np.ndarray:
+        if e not in self._epochs:
+            order = np.random.default_rng([self.seed, self.base, e]).permutation(len(self.doc_bounds))
+            self._epochs = {k: v for k, v in self._epochs.items() if k == e - 1}  # keep two epochs
+            self._epochs[e] = np.concatenate([self.tokens[s:t] for s, t in self.doc_bounds[order]])
+        return self._epochs[e]
+
+    def window(self, pos: int, length: int) -> np.ndarray:
+        parts, n = [], len(self)
+        while length > 0:
+            e, off = divmod(pos, n)
+            piece = self.epoch(e)[off:off + length]
+            parts.append(piece)
+            pos, length = pos + piece.size, length - piece.size
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def batch(self, pos: int, rows: int, seq_len: int) -> np.ndarray:
+        return np.stack([self.window(pos + r * seq_len, seq_len + 1) for r in range(rows)]).astype(np.int64)
+
+
+# =============================================================================================
+# Model: the Slowrun GPT
+# =============================================================================================
+# SwiGLU MLP, RoPE, QK RMS-norm, a per-head sigmoid gate on the attention output, value
+# embeddings projected from the first layer's input on alternate layers, U-Net skips (encoder
+# layer i feeds decoder layer n-1-i), learned residual and x0 scalars, logits soft-capped at
+# 15*tanh(z/15), dropout, untied head, vocabulary padded to a multiple of 64, and sliding
+# windows in a short-short-short-long pattern. Attention is PyTorch SDPA everywhere.
+
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int          # the tokenizer's; the embedding and head are padded to a multiple of 64
+    n_layer: int
+    d_model: int
+    n_head: int
+    mlp_hidden: int
+    seq_len: int
+    short_window: int
+    dropout: float = 0.0
+    logit_softcap: float = 15.0
+    window_pattern: str = "SSSL"
+
+    @property
+    def padded_vocab(self) -> int:
+        return (self.vocab_size + 63) // 64 * 64
+
+    def window(self, layer: int) -> int:
+        long = layer == self.n_layer - 1 or self.window_pattern[layer % len(self.window_pattern)] == "L"
+        return self.seq_len if long else min(self.short_window, self.seq_len)
+
+
+def _rotary(x: torch.Tensor) -> torch.Tensor:
+    """RoPE over the last dimension of (B, H, T, D)."""
+    T, D = x.shape[-2], x.shape[-1]
+    freqs = 1.0 / (10000 ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D))
+    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), freqs)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def _window_mask(T: int, window: int, device) -> torch.Tensor | None:
+    """Causal mask limited to the last `window` positions; None means plain causal."""
+    if window >= T:
+        return None
+    i = torch.arange(T, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        d, h = cfg.d_model, cfg.n_head
+        self.n_head, self.window, self.dropout = h, cfg.window(layer), cfg.dropout
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.attn_gate = nn.Linear(d, h, bias=False)          # per-head sigmoid gate
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.value_embed = nn.Linear(d, d, bias=False) if layer % 2 == 0 else None  # from x0
+        self.mlp_gate = nn.Linear(d, cfg.mlp_hidden, bias=False)
+        self.mlp_up = nn.Linear(d, cfg.mlp_hidden, bias=False)
+        self.mlp_down = nn.Linear(cfg.mlp_hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        h = F.rms_norm(x, (D,))
+        q, k, v = self.qkv(h).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.value_embed is not None:
+            v = v + self.value_embed(x0).view(B, T, self.n_head, -1).transpose(1, 2)
+        q, k = _rotary(F.rms_norm(q, (q.size(-1),))), _rotary(F.rms_norm(k, (k.size(-1),)))
+        mask = _window_mask(T, self.window, x.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = y * torch.sigmoid(self.attn_gate(h)).transpose(1, 2).unsqueeze(-1)
+        y = self.attn_out(y.transpose(1, 2).reshape(B, T, D))
+        x = x + F.dropout(y, self.dropout, self.training)
+        h = F.rms_norm(x, (D,))
+        y = self.mlp_down(F.silu(self.mlp_gate(h)) * self.mlp_up(h))
+        return x + F.dropout(y, self.dropout, self.training)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = cfg.n_layer
+        self.embed = nn.Embedding(cfg.padded_vocab, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(n))
+        self.head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
+        self.resid_scale = nn.Parameter(torch.ones(n))    # x <- resid_scale[i] * x + x0_scale[i] * x0
+        self.x0_scale = nn.Parameter(torch.zeros(n))
+        self.skip_scale = nn.Parameter(torch.ones(n // 2))  # U-Net skip weights
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for name, p in self.named_parameters():
+            if p.ndim == 2 and name != "embed.weight":
+                bound = 3 ** 0.5 * 0.5 * p.size(1) ** -0.5
+                p.uniform_(-bound, bound)
+        nn.init.normal_(self.embed.weight)
+        for block in self.blocks:  # start every residual branch at zero (modded-nanogpt)
+            block.attn_out.weight.zero_()
+            block.mlp_down.weight.zero_()
+        self.head.weight.zero_()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Soft-capped logits over the real vocabulary, in float32."""
+        n = self.cfg.n_layer
+        x0 = F.rms_norm(self.embed(idx), (self.cfg.d_model,))
+        x, encoder_out = x0, []
+        for i, block in enumerate(self.blocks):
+            if i >= n - n // 2 and n - 1 - i < n // 2:
+                x = x + self.skip_scale[n - 1 - i] * encoder_out[n - 1 - i]
+            x = self.resid_scale[i] * x + self.x0_scale[i] * x0
+            x = block(x, x0)
+            if i < n // 2:
+                encoder_out.append(x)
+        x = F.rms_norm(x, (self.cfg.d_model,))
+        logits = self.head(x)[..., :self.cfg.vocab_size].float()
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap)
+
+
+# =============================================================================================
+# Optimiser: Muon for hidden matrices, AdamW for embedding, head and scalars
+# =============================================================================================
+# Muon orthogonalises the momentum of each matrix with 5 Polar Express Newton-Schulz steps
+# (coefficients from arXiv:2505.16932 as used by modded-nanogpt), then (NorMuon) rescales
+# rows by a running second moment while keeping the update's overall norm.
+
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def polar_express(G: torch.Tensor) -> torch.Tensor:
+    """Approximate U V^T of G = U S V^T: every singular value is pushed towards 1."""
+    X = G.bfloat16() if G.is_cuda else G.float()
+    X = X / (X.norm() * 1.02 + 1e-6)  # 2% safety margin: singular values start inside (0, 1)
+    wide = X.size(0) <= X.size(1)
+    if not wide:
+        X = X.mT
+    for a, b, c in POLAR_EXPRESS:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X if wide else X.mT).to(G.dtype)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """One optimiser, two rules: groups with kind="muon" (2-D hidden matrices) and kind="adamw".
+
+    Every group's "lr" and "weight_decay" are rewritten each step by the schedule from its
+    "peak_lr" and "peak_wd"; the state is plain tensors, so it checkpoints with weights_only.
+    """
+
+    def __init__(self, groups, momentum=0.95, row_norm=True, betas=(0.8, 0.95), eps=1e-10):
+        super().__init__(groups, dict(momentum=momentum, row_norm=row_norm, betas=betas, eps=eps,
+                                      weight_decay=0.0))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["kind"] == "muon":
+                    self._muon(p, group)
+                else:
+                    self._adamw(p, group)
+
+    def _muon(self, p, group):
+        state = self.state[p]
+        if not state:
+            state["momentum"] = torch.zeros_like(p)
+            state["row_moment"] = torch.zeros(p.size(0), 1, device=p.device, dtype=torch.float32)
+        buf = state["momentum"]
+        buf.lerp_(p.grad, 1 - group["momentum"])
+        update = polar_express(p.grad.lerp(buf, group["momentum"])).float()  # Nesterov
+        if group["row_norm"]:
+            row_sq = update.square().mean(dim=1, keepdim=True)
+            state["row_moment"].lerp_(row_sq, 1 - group["betas"][1])
+            scaled = update * state["row_moment"].clamp_min(1e-10).rsqrt()
+            update = scaled * (update.norm() / scaled.norm().clamp_min(1e-10))
+        lr = group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update.to(p.dtype), alpha=-lr)
+
+    def _adamw(self, p, group):
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = state["step"].item()
+        beta1, beta2 = group["betas"]
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+
+
+def build_optimizer(model: GPT, args) -> MuonAdamW:
+    matrices, scalars = [], []
+    for name, p in model.named_parameters():
+        if name.startswith("blocks.") and p.ndim == 2:
+            matrices.append(p)
+        elif p.ndim < 2:
+            scalars.append(p)
+    groups = [
+        dict(kind="muon", params=matrices, peak_lr=args.lr_matrix, peak_wd=args.weight_decay),
+        dict(kind="adamw", params=[model.embed.weight], peak_lr=args.lr_embed, peak_wd=0.0),
+        dict(kind="adamw", params=[model.head.weight], peak_lr=args.lr_head, peak_wd=0.0),
+        dict(kind="adamw", params=scalars, peak_lr=args.lr_scalar, peak_wd=0.0),
+    ]
+    for g in groups:
+        g["lr"], g["weight_decay"] = g["peak_lr"], g["peak_wd"]
+    return MuonAdamW(groups, momentum=args.muon_momentum, row_norm=bool(args.muon_row_norm))
+
+
+# =============================================================================================
+# The cyclic schedule
+# =============================================================================================
+# Each base runs `cycles` cycles; the first may be longer. Within a cycle the LR falls linearly
+# from its peak to lr_floor (reached on the cycle's last step, where the snapshot is taken) and
+# jumps back at the next cycle. Weight decay is anti-correlated: wd_floor at peak LR, 1 at the
+# LR floor, so every snapshot settles into a low-norm basin.
+
+@dataclasses.dataclass
+class Cycle:
+    index: int          # 1-based
+    epochs: float
+    batch_seqs: int
+    steps: int
+    first_step: int     # global step index of the cycle's first step within the base
+    first_pos: int      # stream position (tokens) at the cycle's start
+
+
+def plan_cycles(args, train_tokens: int) -> list[Cycle]:
+    cycles, step, pos = [], 0, 0
+    for c in range(1, args.cycles + 1):
+        epochs = args.first_cycle_epochs if c == 1 else args.cycle_epochs
+        middle = args.cycles >= 4 and args.cycles / 4 <= c - 1 < 3 * args.cycles / 4
+        batch = args.batch_seqs if middle or args.cycles < 4 else round(args.batch_seqs * args.batch_schedule)
+        steps = round(epochs * train_tokens / (batch * args.seq_len))
+        if steps < 1:
+            raise UsageError(f"cycle {c} ({epochs} epochs of {train_tokens} tokens) is shorter than one step of "
+                             f"{batch} x {args.seq_len} tokens; lengthen the cycle or shrink --batch-seqs")
+        cycles.append(Cycle(c, epochs, batch, steps, step, pos))
+        step, pos = step + steps, pos + steps * batch * args.seq_len
+    return cycles
+
+
+def lr_multiplier(step_in_cycle: int, cycle_steps: int, lr_floor: float) -> float:
+    frac = step_in_cycle / max(1, cycle_steps - 1)
+    return 1.0 - (1.0 - lr_floor) * frac
+
+
+def wd_multiplier(lr_mult: float, lr_floor: float, wd_floor: float) -> float:
+    return wd_floor + (1.0 - wd_floor) * (1.0 - lr_mult) / (1.0 - lr_floor)
+
+
+def noise_scale(cycle: int, cycles: int, start: float, end: float) -> float:
+    """Cosine decay from `start` after the first snapshot to `end` after the last."""
+    frac = (cycle - 1) / max(1, cycles - 1)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+@torch.no_grad()
+def add_snapshot_noise(model: GPT, scale: float, generator: torch.Generator):
+    """Perturb every weight matrix by Gaussian noise of std scale * std(W): a kick out of the basin
+    the snapshot settled in, so the next cycle explores a different one."""
+    for p in model.parameters():
+        if p.ndim == 2 and scale > 0:
+            noise = torch.randn(p.shape, generator=generator, device=generator.device, dtype=torch.float32)
+            p.add_(noise.to(p.device, p.dtype), alpha=scale * p.float().std().item())
+
+
+# =============================================================================================
+# Chain distillation
+# =============================================================================================
+
+def distillation_loss(logits, targets, teacher_logits=None, alpha=0.45, temperature=1.2):
+    """(1-a) CE(student, y) + a T^2 KL(softmax(teacher/T) || softmax(student/T)), per token."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    if teacher_logits is None:
+        return ce
+    T = temperature
+    kl = F.kl_div(F.log_softmax(logits.flatten(0, 1) / T, dim=-1),
+                  F.log_softmax(teacher_logits.flatten(0, 1) / T, dim=-1),
+                  log_target=True, reduction="batchmean")
+    return (1 - alpha) * ce + alpha * T * T * kl
+
+
+# =============================================================================================
+# Evaluation: every target token's probability, the same tokens whatever the hardware
+# =============================================================================================
+
+def autocast_for(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def token_probs(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, device, group=None) -> np.ndarray:
+    """p(true next token) for every target tokens[1:], in windows of seq_len that each start a
+    fresh context (the last window shorter). With a process group, windows are spread over its
+    ranks and the result is summed, so every rank returns the whole array."""
+    device = torch.device(device)
+    n_targets = tokens.size - 1
+    starts = list(range(0, n_targets, seq_len))
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    mine = starts[rank::world]
+    out = np.zeros(n_targets, dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    full = [s for s in mine if s + seq_len <= n_targets]
+    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    batches += [[s] for s in mine if s + seq_len > n_targets]  # the short last window alone
+    for batch in batches:
+        length = min(seq_len, n_targets - batch[0])
+        window = np.stack([tokens[s:s + length + 1] for s in batch]).astype(np.int64)
+        w = torch.from_numpy(window).to(device)
+        with autocast_for(device):
+            logits = model(w[:, :-1])
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, w[:, 1:, None]).squeeze(-1)
+        p = logp.exp().cpu().numpy()
+        for row, s in enumerate(batch):
+            out[s:s + length] = p[row]
+    model.train(was_training)
+    if world > 1:
+        t = torch.from_numpy(out)
+        dist.all_reduce(t, group=group)  # each position was filled by exactly one rank
+        out = t.numpy()
+    return out
+
+
+def mean_nll(probs: np.ndarray) -> float:
+    return float(-np.log(probs.astype(np.float64)).mean())
+
+
+def probs_to_cache(probs: np.ndarray) -> np.ndarray:
+    """float16 for the cache; clamped so a log never sees 0 (2**-24 is fp16's smallest value)."""
+    return np.maximum(probs, 2.0 ** -24).astype(np.float16)
+
+
+# =============================================================================================
+# Data for one run: training stream, fitness set, validation set
+# =============================================================================================
+
+def tokens_sha256(tokens: np.ndarray) -> str:
+    """Identity of a token sequence, independent of how it was stored."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i8").tobytes()).hexdigest()
+
+
+@dataclasses.dataclass
+class RunData:
+    train: np.ndarray
+    fitness: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    bos_id: int
+    tokenizer: str
+    val_bytes: int | None
+    describe: dict
+
+
+def load_data(args) -> RunData:
+    train_file, val_file = load_split(args.data_dir, "train"), load_split(args.data_dir, "val")
+    if (train_file.vocab_size, train_file.tokenizer, train_file.bos_id) != \
+            (val_file.vocab_size, val_file.tokenizer, val_file.bos_id):
+        raise DataError(f"{train_file.path} ({train_file.tokenizer}, vocabulary {train_file.vocab_size}) and "
+                        f"{val_file.path} ({val_file.tokenizer}, vocabulary {val_file.vocab_size}) do not match; "
+                        f"rebuild both with: {_rebuild_hint(args.data_dir)}")
+    fitness, train = carve_fitness(train_file.tokens, train_file.bos_id, args.fitness_tokens)
+    if args.train_tokens:
+        if args.train_tokens > train.size:
+            raise UsageError(f"--train-tokens {args.train_tokens} exceeds the {train.size} training tokens left "
+                             f"after the fitness carve")
+        train = train[:args.train_tokens]
+    val = val_file.tokens[:args.val_tokens] if args.val_tokens else val_file.tokens
+    if train.size < (args.seq_len + 1):
+        raise UsageError(f"only {train.size} training tokens, fewer than one sequence of {args.seq_len + 1}")
+    lengths = token_byte_lengths(val_file.tokenizer, val_file.vocab_size)
+    if lengths is not None:
+        val_bytes = int(lengths[val[1:].astype(np.int64)].sum())
+    else:
+        val_bytes = val_file.text_bytes if (val_file.text_bytes is not None and val.size == val_file.tokens.size) \
+            else None
+    describe = {
+        "train": {"path": train_file.path, "format": train_file.format, "tokens": int(train.size)},
+        "fitness": {"tokens": int(fitness.size), "targets": int(fitness.size - 1),
+                    "sha256": tokens_sha256(fitness)},
+        "val": {"path": val_file.path, "format": val_file.format, "tokens": int(val.size),
+                "targets": int(val.size - 1), "text_bytes": val_bytes, "sha256": tokens_sha256(val)},
+    }
+    return RunData(np.ascontiguousarray(train), np.ascontiguousarray(fitness), np.ascontiguousarray(val),
+                   train_file.vocab_size, train_file.bos_id, train_file.tokenizer, val_bytes, describe)
+
+
+# =============================================================================================
+# The run directory: config, logs, snapshots, checkpoints
+# =============================================================================================
+# runs/<name>/run.json           everything that defines the population, written once
+#            /log.txt            this file's code, arguments, versions, hardware, then every line
+#            /metrics.jsonl      the same events as JSON, one a line
+#            /snapshots/bBcC.{pt,json,fitness.npy,val.npy}   weights, record, cached probabilities
+#            /checkpoints/baseB.pt                            resume state of base B
+#            /manifest.json      run.json plus every snapshot record, written at the end
+
+def snapshot_id(base: int, cycle: int) -> str:
+    return f"b{base}c{cycle}"
+
+
+def load_run(run_dir) -> dict:
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        raise UsageError(f"{run_dir} is not a q0 run (no run.json); train one with: python train_q0.py")
+    return json.loads(path.read_text())
+
+
+def list_snapshots(run_dir) -> list[dict]:
+    """Snapshot records present on disk, in population order (cycle, then base)."""
+    records = [json.loads(p.read_text()) for p in Path(run_dir, "snapshots").glob("b*c*.json")]
+    return sorted(records, key=lambda r: (r["cycle"], r["base"]))
+
+
+def load_snapshot_model(run_dir, record: dict, device="cpu", check_sha=True) -> GPT:
+    run = load_run(run_dir)
+    path = Path(run_dir) / record["weights"]
+    if not path.exists():
+        raise UsageError(f"snapshot {record['id']} is missing its weights {path}")
+    if check_sha and sha256_file(path) != record["weights_sha256"]:
+        raise UsageError(f"{path} does not match the SHA-256 in its record: the file changed since it was written")
+    model = GPT(GPTConfig(**run["model"]))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.to(device).eval()
+
+
+def population_config(args) -> dict:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NON_POPULATION_FLAGS}
+
+
+def epochs_spent(records: list[dict]) -> float:
+    """Compute that produced a set of snapshots: each base counted up to its latest snapshot."""
+    latest = {}
+    for r in records:
+        latest[r["base"]] = max(latest.get(r["base"], 0.0), r["base_epochs"])
+    return sum(latest.values())
+
+
+def versions() -> dict:
+    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+         "platform": platform.platform(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        v["cuda"] = torch.version.cuda
+        v["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return v
+
+
+class RunLog:
+    """Text for people (stdout + log.txt) and JSON lines for scripts (metrics.jsonl).
+    Only the first rank of each process group writes; lines carry their base."""
+
+    def __init__(self, run_dir: Path, enabled: bool, wandb_run=None):
+        self.run_dir, self.enabled, self.wandb = run_dir, enabled, wandb_run
+
+    def line(self, text: str):
+        if not self.enabled:
+            return
+        print(text, flush=True)
+        with open(self.run_dir / "log.txt", "a") as f:
+            f.write(text + "\n")
+
+    def event(self, kind: str, **fields):
+        if not self.enabled:
+            return
+        record = {"event": kind, "time": round(time.time(), 3), **fields}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in fields.items() if isinstance(v, (int, float))})
+
+
+def prepare_run_dir(args, data: RunData, model_cfg: GPTConfig, cycles: list[Cycle]) -> tuple[Path, bool]:
+    """Create the run, or check that a rerun means the same population. Returns (dir, resumed)."""
+    run_dir = Path(args.runs_dir) / args.run_name
+    pop = population_config(args)
+    if (run_dir / "run.json").exists():
+        old = load_run(run_dir)["population_config"]
+        changed = sorted(k for k in set(old) | set(pop) if old.get(k) != pop.get(k))
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} ({old.get(k)} -> {pop.get(k)})" for k in changed)
+            raise UsageError(f"run {run_dir} exists with a different population: {flags}; "
+                             f"rerun with its flags to resume, or choose a new --run-name")
+        return run_dir, True
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"{run_dir} exists and is not a q0 run; choose another --run-name or --runs-dir")
+    (run_dir / "snapshots").mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    epochs_per_base = sum(c.epochs for c in cycles)
+    run = {
+        "format": "q0-run", "version": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "population_config": pop, "model": dataclasses.asdict(model_cfg),
+        "tokenizer": data.tokenizer, "vocab_size": data.vocab_size, "bos_id": data.bos_id,
+        "seq_len": args.seq_len, **data.describe,
+        "layout": {"bases": args.bases, "cycles": [dataclasses.asdict(c) for c in cycles],
+                   "epochs_per_base": epochs_per_base, "epoch_budget": epochs_per_base * args.bases},
+    }
+    atomic_write_text(run_dir / "run.json", json.dumps(run, indent=1))
+    return run_dir, False
+
+
+def log_header(log: RunLog, args, world: int):
+    code = Path(__file__).read_text()
+    log.line("=" * 100)
+    log.line(code)
+    log.line("=" * 100)
+    log.line("command: " + " ".join([sys.executable] + sys.argv) + f"  (world size {world})")
+    log.line("arguments: " + json.dumps(vars(args), sort_keys=True))
+    log.line("versions: " + json.dumps(versions()))
+
+
+class PopulationTracker:
+    """The uniform ensemble of every snapshot on disk so far, from the cached validation
+    probabilities; each file is read once (a running sum), so cost stays linear in snapshots."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.seen, self.records, self.prob_sum = run_dir, set(), [], None
+
+    def update(self) -> dict:
+        for r in list_snapshots(self.run_dir):
+            if r["id"] in self.seen:
+                continue
+            self.seen.add(r["id"])
+            self.records.append(r)
+            if r.get("val_probs") and self.prob_sum is not False:
+                p = np.load(self.run_dir / r["val_probs"]).astype(np.float64)
+                self.prob_sum = p if self.prob_sum is None else self.prob_sum + p
+            else:
+                self.prob_sum = False  # one member without a cache: no uniform number, rather than a wrong one
+        n = len(self.records)
+        uniform = mean_nll(self.prob_sum / n) if n and self.prob_sum is not None and self.prob_sum is not False \
+            else None
+        best = min(self.records, key=lambda r: r["val_loss"]) if n else None
+        return {"snapshots": n, "epochs_spent": epochs_spent(self.records), "uniform_val_loss": uniform,
+                "best_single_val_loss": best["val_loss"] if best else None,
+                "best_single": best["id"] if best else None}
+
+
+# =============================================================================================
+# Population layout: bases on process groups
+# =============================================================================================
+# The world is cut into G equal process groups (G = gcd(bases, world) unless --groups says);
+# group g trains bases g, g+G, g+2G, ... one after another, with DDP inside the group. A base's
+# seed, data order and global batch depend only on the base, so 1 GPU, 8 GPUs or 5 nodes give
+# the same population (up to floating-point reduction order).
+
+@dataclasses.dataclass
+class Layout:
+    world: int
+    rank: int
+    groups: int
+    group_index: int
+    group: object          # torch ProcessGroup, or None for a single-process group
+    group_size: int
+    group_rank: int
+    bases: list[int]
+
+
+def make_layout(args, world: int, rank: int, cycles: list[Cycle]) -> Layout:
+    groups = args.groups or math.gcd(args.bases, world)
+    if world % groups or args.bases % groups:
+        raise UsageError(f"{args.bases} bases cannot be placed evenly on {groups} groups of a world of {world} "
+                         f"processes: --groups must divide both the world size and --bases")
+    size = world // groups
+    per_step = size * args.device_batch
+    for batch in sorted({c.batch_seqs for c in cycles}):
+        if batch % per_step:
+            raise UsageError(f"a batch of {batch} sequences does not split over {size} processes x --device-batch "
+                             f"{args.device_batch}; choose a --device-batch that divides {batch // math.gcd(batch, size)}"
+                             f" or another process count")
+    index = rank // size
+    group = None
+    for g in range(groups):  # every rank must take part in creating every group
+        ranks = list(range(g * size, (g + 1) * size))
+        pg = dist.new_group(ranks) if world > 1 else None
+        if g == index and size > 1:
+            group = pg
+    return Layout(world, rank, groups, index, group, size, rank - index * size,
+                  list(range(index, args.bases, groups)))
+
+
+# =============================================================================================
+# Training one base
+# =============================================================================================
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+def snapshot_state(model: GPT, device: torch.device) -> dict:
+    """The weights as saved: bf16 on GPU (half the disk), exact fp32 on CPU."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {k: v.detach().to(dtype).cpu().clone() for k, v in model.state_dict().items()}
+
+
+def model_from_state(cfg: GPTConfig, state: dict, device) -> GPT:
+    model = GPT(cfg)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+class BaseTrainer:
+    def __init__(self, args, base: int, layout: Layout, data: RunData, cfg: GPTConfig, cycles: list[Cycle],
+                 run_dir: Path, log: RunLog, device: torch.device):
+        self.args, self.base, self.layout, self.data, self.cfg = args, base, layout, data, cfg
+        self.cycles, self.run_dir, self.log, self.device = cycles, run_dir, log, device
+        self.leader = layout.group_rank == 0
+        self.stream = TrainStream(data.train, data.bos_id, args.seed, base)
+        self.checkpoint_path = run_dir / "checkpoints" / f"base{base}.pt"
+        torch.manual_seed(_seed(args.seed, base))  # the initialisation depends on the base only
+        self.model = GPT(cfg).to(device)
+        self.optimizer = build_optimizer(self.model, args)
+        self.forward = self.model
+        if layout.group is not None:
+            from torch.nn.parallel import DistributedDataParallel
+            self.forward = DistributedDataParallel(self.model, process_group=layout.group)
+        if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+            self.forward = torch.compile(self.forward)
+        self.teacher: GPT | None = None
+        self.step, self.cycles_done = 0, 0
+        self.tracker = PopulationTracker(run_dir)
+        log.line(f"[b{base}] {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                 f"{sum(c.steps for c in cycles)} steps")
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self):
+        if self.leader:
+            atomic_torch_save({"base": self.base, "step": self.step, "cycles_done": self.cycles_done,
+                               "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+                              self.checkpoint_path)
+        self.last_checkpoint = time.time()
+
+    def resume(self):
+        if not self.checkpoint_path.exists():
+            return
+        ckpt = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.cycles_done = ckpt["step"], ckpt["cycles_done"]
+        stale = [] if not self.leader else [
+            p for c in range(self.cycles_done + 1, len(self.cycles) + 1)
+            for p in (self.run_dir / "snapshots").glob(f"{snapshot_id(self.base, c)}.*")]
+        for p in stale:  # written after the checkpoint by the interrupted run: recomputed below
+            p.unlink()
+        self.log.line(f"[b{self.base}] resumed at step {self.step} after {self.cycles_done} cycles"
+                      + (f"; removed {len(stale)} files of unfinished snapshots" if stale else ""))
+
+    def load_teacher(self, cycle: int):
+        """The previous snapshot of this base, exactly as saved (before any noise)."""
+        record = json.loads((self.run_dir / "snapshots" / f"{snapshot_id(self.base, cycle)}.json").read_text())
+        state = torch.load(self.run_dir / record["weights"], map_location="cpu", weights_only=True)
+        self.teacher = model_from_state(self.cfg, state, self.device)
+
+    # --- one optimiser step ------------------------------------------------------------------
+    def train_step(self, cycle: Cycle, step_in_cycle: int, distill: bool) -> float:
+        args, lay = self.args, self.layout
+        lr_mult = lr_multiplier(step_in_cycle, cycle.steps, args.lr_floor)
+        wd_mult = wd_multiplier(lr_mult, args.lr_floor, args.wd_floor)
+        for g in self.optimizer.param_groups:
+            g["lr"], g["weight_decay"] = g["peak_lr"] * lr_mult, g["peak_wd"] * wd_mult
+        pos = cycle.first_pos + step_in_cycle * cycle.batch_seqs * args.seq_len
+        batch = self.stream.batch(pos, cycle.batch_seqs, args.seq_len)
+        micro_batches = cycle.batch_seqs // args.device_batch
+        accum = micro_batches // lay.group_size
+        loss_sum = torch.zeros((), device=self.device)
+        for a in range(accum):
+            k = a * lay.group_size + lay.group_rank  # global micro-batch index: the same rows on any layout
+            rows = torch.from_numpy(batch[k * args.device_batch:(k + 1) * args.device_batch]).to(self.device)
+            torch.manual_seed(_seed(args.seed, self.base, self.step, k))  # dropout masks follow the data
+            sync = nullcontext() if (lay.group is None or a == accum - 1) else self.forward.no_sync()
+            with sync:
+                with autocast_for(self.device):
+                    logits = self.forward(rows[:, :-1])
+                    teacher_logits = None
+                    if distill:
+                        with torch.no_grad():
+                            teacher_logits = self.teacher(rows[:, :-1])
+                loss = distillation_loss(logits, rows[:, 1:], teacher_logits,
+                                         args.distill_alpha, args.distill_temperature)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return loss_sum / accum
+
+    # --- snapshot ----------------------------------------------------------------------------
+    def snapshot(self, cycle: Cycle):
+        args, sid = self.args, snapshot_id(self.base, cycle.index)
+        snap_dir = self.run_dir / "snapshots"
+        state = snapshot_state(self.model, self.device)
+        snap = model_from_state(self.cfg, state, self.device)  # evaluate, and later teach, what was saved
+        fitness = token_probs(snap, self.data.fitness, args.seq_len, args.eval_batch, self.device, self.layout.group)
+        val = token_probs(snap, self.data.val, args.seq_len, args.eval_batch, self.device, self.layout.group)
+        self.teacher = snap
+        base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / len(self.stream)
+        val_loss = mean_nll(val)
+        bpb = (val_loss * val.size / (math.log(2) * self.data.val_bytes)) if self.data.val_bytes else None
+        record = {"id": sid, "base": self.base, "cycle": cycle.index, "step": self.step,
+                  "base_epochs": round(base_epochs, 6), "val_loss": val_loss, "val_bpb": bpb,
+                  "fitness_loss": mean_nll(fitness), "weights": f"snapshots/{sid}.pt",
+                  "fitness_probs": f"snapshots/{sid}.fitness.npy",
+                  "val_probs": f"snapshots/{sid}.val.npy" if args.val_probs else None}
+        if self.leader:
+            atomic_torch_save(state, snap_dir / f"{sid}.pt")
+            atomic_save_npy(snap_dir / f"{sid}.fitness.npy", probs_to_cache(fitness))
+            if args.val_probs:
+                atomic_save_npy(snap_dir / f"{sid}.val.npy", probs_to_cache(val))
+            for key in ("weights", "fitness_probs", "val_probs"):
+                record[key + "_sha256"] = sha256_file(self.run_dir / record[key]) if record[key] else None
+            atomic_write_text(snap_dir / f"{sid}.json", json.dumps(record, indent=1))  # last: marks it complete
+            pop = self.tracker.update()
+            self.log.line(f"[b{self.base}] snapshot {sid} | step {self.step} | base epochs {base_epochs:.2f} | "
+                          f"val {val_loss:.4f} nats" + (f" {bpb:.4f} bpb" if bpb else "")
+                          + f" | fitness {record['fitness_loss']:.4f}")
+            uniform = f"{pop['uniform_val_loss']:.4f}" if pop["uniform_val_loss"] is not None else "n/a"
+            self.log.line(f"[b{self.base}] population: {pop['snapshots']} snapshots | epochs spent "
+                          f"{pop['epochs_spent']:.2f} | best single {pop['best_single_val_loss']:.4f} "
+                          f"({pop['best_single']}) | uniform ensemble val {uniform} ({pop['snapshots']} forward passes)")
+            self.log.event("snapshot", **record)
+            self.log.event("population", base=self.base, after=sid, **pop)
+
+    # --- the whole trajectory ----------------------------------------------------------------
+    def run(self):
+        args, total_steps = self.args, self.cycles[-1].first_step + self.cycles[-1].steps
+        self.resume()
+        if self.step >= total_steps:
+            self.log.line(f"[b{self.base}] already complete")
+            return
+        self.last_checkpoint = time.time()
+        tokens_done, t0 = 0, time.time()
+        for cycle in self.cycles[self.cycles_done:]:
+            distill = 0 < args.distill_from_cycle <= cycle.index and cycle.index > 1
+            if distill and self.teacher is None:
+                self.load_teacher(cycle.index - 1)
+            for i in range(self.step - cycle.first_step, cycle.steps):
+                loss = self.train_step(cycle, i, distill)
+                tokens_done += cycle.batch_seqs * args.seq_len
+                if self.step % args.log_every == 0 or i == cycle.steps - 1:
+                    if self.layout.group is not None:
+                        dist.all_reduce(loss, group=self.layout.group)
+                        loss /= self.layout.group_size
+                    rate = tokens_done / (time.time() - t0)
+                    epoch = (cycle.first_pos + (i + 1) * cycle.batch_seqs * args.seq_len) / len(self.stream)
+                    g = self.optimizer.param_groups[0]
+                    self.log.line(f"[b{self.base}] cycle {cycle.index}/{len(self.cycles)} step {self.step}/"
+                                  f"{total_steps} | loss {loss.item():.4f}" + (" (distill)" if distill else "")
+                                  + f" | lr x{g['lr'] / g['peak_lr']:.3f} wd x{g['weight_decay'] / max(g['peak_wd'], 1e-12):.3f}"
+                                  f" | epoch {epoch:.2f} | {rate:,.0f} tok/s")
+                    self.log.event("step", base=self.base, cycle=cycle.index, step=self.step, loss=loss.item(),
+                                   epoch=epoch, tokens_per_s=rate, distill=distill)
+                if i < cycle.steps - 1 and time.time() - self.last_checkpoint > args.checkpoint_minutes * 60:
+                    self.save_checkpoint()
+            self.snapshot(cycle)
+            start, end = args.snapshot_noise
+            if cycle.index < len(self.cycles) and (start > 0 or end > 0):
+                gen = torch.Generator(device="cpu").manual_seed(_seed(args.seed, self.base, cycle.index, 7))
+                add_snapshot_noise(self.model, noise_scale(cycle.index, len(self.cycles), start, end), gen)
+            self.cycles_done = cycle.index
+            self.save_checkpoint()
+            if not (0 < args.distill_from_cycle <= cycle.index + 1):
+                self.teacher = None  # no need to hold it until distillation starts
+
+
+# =============================================================================================
+# Main
+# =============================================================================================
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    if "RANK" not in os.environ:
+        return 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return dist.get_world_size(), dist.get_rank(), torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return dist.get_world_size(), dist.get_rank(), torch.device("cpu")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    world, rank, device = setup_distributed()
+    try:
+        data = load_data(args)
+        cfg = GPTConfig(vocab_size=data.vocab_size, n_layer=args.n_layer, d_model=args.d_model,
+                        n_head=args.n_head, mlp_hidden=args.mlp_hidden, seq_len=args.seq_len,
+                        short_window=args.short_window, dropout=args.dropout)
+        if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
+            raise UsageError(f"--d-model {args.d_model} must split into --n-head {args.n_head} heads of even size")
+        cycles = plan_cycles(args, data.train.size)
+        layout = make_layout(args, world, rank, cycles)
+        run_dir = Path(args.runs_dir) / args.run_name
+        resumed = False
+        if rank == 0:
+            run_dir, resumed = prepare_run_dir(args, data, cfg, cycles)
+        ok = [True]
+    except UsageError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        ok = [False]
+    if world > 1:  # every rank learns whether rank 0 accepted the run before anything starts
+        dist.broadcast_object_list(ok, src=0)
+    if not ok[0]:
+        if world > 1:
+            dist.destroy_process_group()
+        return 2
+
+    wandb_run = None
+    if args.wandb_project and rank == 0:
+        try:
+            import wandb
+        except ImportError:
+            print("error: --wandb-project needs wandb: pip install wandb", file=sys.stderr)
+            return 2
+        wandb_run = wandb.init(project=args.wandb_project, name=args.run_name, config=vars(args), resume="allow")
+    log = RunLog(run_dir, enabled=layout.group_rank == 0, wandb_run=wandb_run)
+    if rank == 0:
+        if resumed:
+            log.line(f"resuming {run_dir} (world size {world})")
+        else:
+            log_header(log, args, world)
+        epochs = sum(c.epochs for c in cycles)
+        log.line(f"run {run_dir} | {args.bases} bases x {args.cycles} cycles = {args.bases * args.cycles} snapshots | "
+                 f"{epochs:g} epochs per base, budget {epochs * args.bases:g} epochs | train {data.train.size:,} "
+                 f"tokens, fitness {data.fitness.size:,}, val {data.val.size:,} | {layout.groups} group(s) of "
+                 f"{layout.group_size} process(es) on {device.type}")
+    if world > 1:
+        dist.barrier()
+    for base in layout.bases:
+        BaseTrainer(args, base, layout, data, cfg, cycles, run_dir, log, device).run()
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        records = list_snapshots(run_dir)
+        manifest = {**load_run(run_dir), "snapshots": records}
+        atomic_write_text(run_dir / "manifest.json", json.dumps(manifest, indent=1))
+        pop = PopulationTracker(run_dir).update()
+        uniform = f"{pop['uniform_val_loss']:.4f}" if pop["uniform_val_loss"] is not None else "n/a"
+        log.line(f"done: {pop['snapshots']} snapshots, {pop['epochs_spent']:.2f} epochs spent | best single "
+                 f"{pop['best_single_val_loss']:.4f} ({pop['best_single']}) | uniform ensemble val {uniform} | "
+                 f"next: python fit_prior.py {run_dir} && python eval.py {run_dir} --prior {run_dir}/prior.json")
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
