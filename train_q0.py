@@ -47,7 +47,7 @@ PRESETS = {
     # README's main job: bytes-level Shakespeare, one base, a few minutes on 2 CPU cores.
     "cpu": dict(
         data_dir="data/shakespeare/bytes", n_layer=4, d_model=128, n_head=4, mlp_hidden=384,
-        seq_len=128, short_window=64, batch_seqs=32, device_batch=32, fitness_tokens=1,
+        seq_len=128, short_window=64, batch_seqs=32, device_batch=8, fitness_tokens=1,
         train_tokens=65536, val_tokens=32768, bases=1, cycles=5, cycle_epochs=1.0,
         first_cycle_epochs=3.0, distill_from_cycle=2, lr_matrix=0.02, lr_embed=0.05,
         lr_head=0.004, lr_scalar=0.02, weight_decay=0.2, eval_batch=32,
@@ -65,7 +65,7 @@ PRESETS = {
 # Flags that do not change the population: a resumed run may change these freely.
 NON_POPULATION_FLAGS = {
     "preset", "run_name", "runs_dir", "device_batch", "eval_batch", "compile", "log_every",
-    "checkpoint_minutes", "wandb_project", "stop_after_steps",
+    "checkpoint_minutes", "wandb_project",
 }
 
 
@@ -139,8 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the model (auto: on CUDA only)")
     g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs wandb installed)")
-    g.add_argument("--stop-after-steps", type=int, default=0,
-                   help="debugging: exit after this many optimiser steps of this invocation (resume continues)")
     return p
 
 
@@ -896,10 +894,11 @@ class RunLog:
     def __init__(self, run_dir: Path, enabled: bool, wandb_run=None):
         self.run_dir, self.enabled, self.wandb = run_dir, enabled, wandb_run
 
-    def line(self, text: str):
+    def line(self, text: str, echo: bool = True):
         if not self.enabled:
             return
-        print(text, flush=True)
+        if echo:
+            print(text, flush=True)
         with open(self.run_dir / "log.txt", "a") as f:
             f.write(text + "\n")
 
@@ -944,10 +943,7 @@ def prepare_run_dir(args, data: RunData, model_cfg: GPTConfig, cycles: list[Cycl
 
 
 def log_header(log: RunLog, args, world: int):
-    code = Path(__file__).read_text()
-    log.line("=" * 100)
-    log.line(code)
-    log.line("=" * 100)
+    log.line("=" * 100 + "\n" + Path(__file__).read_text() + "=" * 100, echo=False)  # the code, in the log only
     log.line("command: " + " ".join([sys.executable] + sys.argv) + f"  (world size {world})")
     log.line("arguments: " + json.dumps(vars(args), sort_keys=True))
     log.line("versions: " + json.dumps(versions()))
@@ -1027,7 +1023,13 @@ def make_layout(args, world: int, rank: int, cycles: list[Cycle]) -> Layout:
 # Training one base
 # =============================================================================================
 
-def _seed(*parts: int) -> int:
+def micro_batches_of(group_rank: int, group_size: int, micro_batches: int) -> list[int]:
+    """Which micro-batches of the global batch this process runs (one per accumulation step).
+    Rank r takes r, r+W, r+2W, ...: together the ranks cover every micro-batch exactly once."""
+    return list(range(group_rank, micro_batches, group_size))
+
+
+def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2 ** 63 - 1)
 
 
@@ -1104,11 +1106,10 @@ class BaseTrainer:
             g["lr"], g["weight_decay"] = g["peak_lr"] * lr_mult, g["peak_wd"] * wd_mult
         pos = cycle.first_pos + step_in_cycle * cycle.batch_seqs * args.seq_len
         batch = self.stream.batch(pos, cycle.batch_seqs, args.seq_len)
-        micro_batches = cycle.batch_seqs // args.device_batch
-        accum = micro_batches // lay.group_size
+        mine = micro_batches_of(lay.group_rank, lay.group_size, cycle.batch_seqs // args.device_batch)
+        accum = len(mine)
         loss_sum = torch.zeros((), device=self.device)
-        for a in range(accum):
-            k = a * lay.group_size + lay.group_rank  # global micro-batch index: the same rows on any layout
+        for a, k in enumerate(mine):
             rows = torch.from_numpy(batch[k * args.device_batch:(k + 1) * args.device_batch]).to(self.device)
             torch.manual_seed(_seed(args.seed, self.base, self.step, k))  # dropout masks follow the data
             sync = nullcontext() if (lay.group is None or a == accum - 1) else self.forward.no_sync()

@@ -1,0 +1,290 @@
+"""train_q0.py: the schedule, the losses, the optimiser, the data order, and whole runs on a CPU
+(one process, two processes under torchrun with gloo, and a run killed with SIGKILL and resumed)."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, TINY, TORCHRUN_2, run_train, write_bytes_shard
+import train_q0 as q0
+
+
+def args_for(**overrides):
+    args = q0.parse_args(["--preset", "tiny"])
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+# --- schedule --------------------------------------------------------------------------------
+
+def test_lr_and_weight_decay_at_cycle_boundaries():
+    steps, floor, wd_floor = 50, 0.08, 0.7
+    assert q0.lr_multiplier(0, steps, floor) == 1.0                       # a cycle starts at peak LR
+    assert q0.lr_multiplier(steps - 1, steps, floor) == pytest.approx(floor)  # and snapshots at the floor
+    mids = [q0.lr_multiplier(i, steps, floor) for i in range(steps)]
+    assert all(a > b for a, b in zip(mids, mids[1:]))                     # falls linearly, strictly
+    assert np.allclose(np.diff(mids), np.diff(mids)[0])
+    assert q0.wd_multiplier(1.0, floor, wd_floor) == pytest.approx(wd_floor)  # low WD while exploring
+    assert q0.wd_multiplier(floor, floor, wd_floor) == pytest.approx(1.0)     # full WD at the snapshot
+    # anti-correlated: the public formula at a middle point
+    lr = 0.5
+    assert q0.wd_multiplier(lr, floor, wd_floor) == pytest.approx(wd_floor + (1 - wd_floor) * (1 - lr) / (1 - floor))
+
+
+def test_plan_cycles_layout_and_batch_schedule():
+    args = args_for(cycles=8, first_cycle_epochs=3.0, cycle_epochs=1.0, batch_seqs=8, batch_schedule=0.75, seq_len=32)
+    cycles = q0.plan_cycles(args, train_tokens=8 * 32 * 10)   # 10 full-batch steps per epoch
+    assert [c.batch_seqs for c in cycles] == [6, 6, 8, 8, 8, 8, 6, 6]  # full batch in the middle half
+    assert cycles[0].steps == round(3 * 2560 / (6 * 32))
+    assert cycles[2].steps == 10
+    for a, b in zip(cycles, cycles[1:]):
+        assert b.first_step == a.first_step + a.steps
+        assert b.first_pos == a.first_pos + a.steps * a.batch_seqs * 32
+    with pytest.raises(q0.UsageError, match="shorter than one step"):
+        q0.plan_cycles(args_for(cycle_epochs=0.01, cycles=2), train_tokens=4096)
+
+
+def test_noise_scale_decays_from_start_to_end():
+    assert q0.noise_scale(1, 10, 0.25, 0.05) == pytest.approx(0.25)
+    assert q0.noise_scale(10, 10, 0.25, 0.05) == pytest.approx(0.05)
+    values = [q0.noise_scale(c, 10, 0.25, 0.05) for c in range(1, 11)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+# --- losses and optimiser ----------------------------------------------------------------------
+
+def test_distillation_loss_matches_its_formula():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    y = torch.randint(0, 11, (2, 5))
+    a, T = 0.45, 1.2
+    ce = -torch.log_softmax(student, -1).gather(-1, y[..., None]).mean()
+    p_t = torch.softmax(teacher / T, -1)
+    kl = (p_t * (torch.log(p_t) - torch.log_softmax(student / T, -1))).sum(-1).mean()
+    expected = (1 - a) * ce + a * T ** 2 * kl
+    assert q0.distillation_loss(student, y, teacher, a, T).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert q0.distillation_loss(student, y).item() == pytest.approx(ce.item(), rel=1e-6)
+    assert q0.distillation_loss(student, y, student, a, T).item() == pytest.approx((1 - a) * ce.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (96, 24), (48, 48)])
+def test_polar_express_orthogonalises(shape):
+    torch.manual_seed(1)
+    U, _, Vh = torch.linalg.svd(torch.randn(*shape), full_matrices=False)
+    G = U @ torch.diag(torch.logspace(-2, 0, min(shape))) @ Vh * 7.0  # condition number 100
+    X = q0.polar_express(G)
+    s = torch.linalg.svdvals(X)
+    assert s.min() > 0.7 and s.max() < 1.2     # all singular values pushed towards 1
+    cos = (X * (U @ Vh)).sum() / (X.norm() * (U @ Vh).norm())
+    assert cos > 0.98                            # and the direction is the polar factor's
+
+
+def test_optimizer_groups_and_weight_decay():
+    args = args_for()
+    model = q0.GPT(q0.GPTConfig(vocab_size=256, n_layer=2, d_model=32, n_head=2, mlp_hidden=64, seq_len=16,
+                                short_window=8))
+    opt = q0.build_optimizer(model, args)
+    grouped = [p for g in opt.param_groups for p in g["params"]]
+    assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})
+    muon = opt.param_groups[0]
+    assert muon["kind"] == "muon" and all(p.ndim == 2 for p in muon["params"])
+    # with a zero gradient, a Muon step is pure decoupled weight decay: p <- p (1 - lr wd)
+    p = muon["params"][0]
+    before = p.detach().clone()
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    muon["lr"], muon["weight_decay"] = 0.1, 0.5
+    for g in opt.param_groups[1:]:
+        g["lr"] = 0.0
+    opt.step()
+    assert torch.allclose(p, before * (1 - 0.05), atol=1e-6)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def test_carve_fitness_takes_whole_documents_from_the_front():
+    tokens = np.array([0, 5, 6, 0, 7, 0, 8, 9, 9, 0, 4], dtype=np.uint16)
+    fitness, train = q0.carve_fitness(tokens, 0, 4)
+    assert fitness.tolist() == [0, 5, 6, 0, 7] and train.tolist() == [0, 8, 9, 9, 0, 4]
+    fitness, _ = q0.carve_fitness(tokens, 0, 1)                   # at least one whole document
+    assert fitness.tolist() == [0, 5, 6]
+    with pytest.raises(q0.UsageError, match="fitness"):
+        q0.carve_fitness(tokens, 0, 10)
+
+
+def test_data_order_is_seeded_per_base_and_epoch_and_independent_of_processes():
+    tokens = np.concatenate([[0] + [d] * (d + 1) for d in range(1, 30)]).astype(np.uint16)
+    stream = q0.TrainStream(tokens, 0, seed=3, base=1)
+    n = len(stream)
+    for e in range(3):  # each epoch is a reshuffle of the same documents
+        assert sorted(stream.epoch(e).tolist()) == sorted(tokens.tolist())
+    assert not np.array_equal(stream.epoch(0), stream.epoch(1))
+    assert np.array_equal(stream.window(n - 5, 10), np.concatenate([stream.epoch(0)[-5:], stream.epoch(1)[:5]]))
+    again = q0.TrainStream(tokens, 0, seed=3, base=1)
+    assert np.array_equal(again.batch(123, 8, 16), stream.batch(123, 8, 16))
+    assert not np.array_equal(q0.TrainStream(tokens, 0, seed=3, base=2).epoch(0), stream.epoch(0))
+    # the global batch's micro-batches, spread over any number of processes, each run exactly once
+    for world in (1, 2, 4, 8):
+        taken = sorted(k for r in range(world) for k in q0.micro_batches_of(r, world, 8))
+        assert taken == list(range(8))
+
+
+def test_token_probs_covers_every_target_once(small_data):
+    torch.manual_seed(0)
+    model = q0.GPT(q0.GPTConfig(vocab_size=256, n_layer=2, d_model=32, n_head=2, mlp_hidden=64, seq_len=16,
+                                short_window=8))
+    tokens = q0.read_tokens(small_data / "val.q0t").tokens[:101]
+    probs = q0.token_probs(model, tokens, seq_len=16, batch_size=3, device="cpu")
+    assert probs.shape == (100,) and (probs > 0).all()
+    # the reference: one window at a time
+    for start in range(0, 100, 16):
+        x = torch.from_numpy(tokens[start:start + 17].astype(np.int64))[None]
+        logp = torch.log_softmax(model(x[:, :-1]), -1).gather(-1, x[:, 1:, None]).squeeze()
+        np.testing.assert_allclose(probs[start:start + 16], logp.exp().detach().numpy().reshape(-1), rtol=1e-5)
+
+
+# --- whole runs ------------------------------------------------------------------------------
+
+def snapshot_losses(run_dir):
+    return {r["id"]: r["val_loss"] for r in q0.list_snapshots(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def two_bases(small_data, tmp_path_factory):
+    """2 bases x 3 cycles, distillation from cycle 2, in one process."""
+    runs = tmp_path_factory.mktemp("runs")
+    result = run_train(small_data, runs, "--bases", "2", "--cycles", "3", "--distill-from-cycle", "2")
+    return runs / "tiny-2x3-seed0", result
+
+
+def test_population_run_writes_everything(two_bases):
+    run_dir, result = two_bases
+    records = q0.list_snapshots(run_dir)
+    assert [r["id"] for r in records] == ["b0c1", "b1c1", "b0c2", "b1c2", "b0c3", "b1c3"]
+    run = q0.load_run(run_dir)
+    for r in records:
+        for key in ("weights", "fitness_probs", "val_probs"):
+            assert q0.sha256_file(run_dir / r[key]) == r[key + "_sha256"]
+        fit, val = np.load(run_dir / r["fitness_probs"]), np.load(run_dir / r["val_probs"])
+        assert fit.dtype == np.float16 and fit.size == run["fitness"]["targets"]
+        assert val.size == run["val"]["targets"] == 2047
+        assert q0.mean_nll(val) == pytest.approx(r["val_loss"], abs=2e-3)   # the cache is the same numbers
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] * 2047 / (math.log(2) * run["val"]["text_bytes"]))
+        model = q0.load_snapshot_model(run_dir, r)                     # weights_only, SHA-checked
+        assert isinstance(model, q0.GPT)
+    assert records[-1]["base_epochs"] == pytest.approx(3.0, abs=0.05)
+    assert "(distill)" in result.stdout and "cycle 1/3" in result.stdout
+    assert "population: 6 snapshots" in result.stdout and "uniform ensemble val" in result.stdout
+    log = (run_dir / "log.txt").read_text()
+    assert "def distillation_loss" in log and '"bases": 2' in log   # the code and the arguments
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(e["event"] == "snapshot" for e in events) == 6
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert len(manifest["snapshots"]) == 6
+    # later cycles learn: every base's last snapshot beats its first
+    losses = snapshot_losses(run_dir)
+    assert losses["b0c3"] < losses["b0c1"] and losses["b1c3"] < losses["b1c1"]
+
+
+def test_rerun_of_a_finished_run_changes_nothing_and_changed_flags_are_refused(two_bases, small_data):
+    run_dir, _ = two_bases
+    before = {p.name: q0.sha256_file(p) for p in (run_dir / "snapshots").iterdir()}
+    again = run_train(small_data, run_dir.parent, "--bases", "2", "--cycles", "3", "--distill-from-cycle", "2")
+    assert "already complete" in again.stdout
+    assert {p.name: q0.sha256_file(p) for p in (run_dir / "snapshots").iterdir()} == before
+    changed = run_train(small_data, run_dir.parent, "--bases", "2", "--cycles", "3", "--distill-from-cycle", "2",
+                        "--lr-matrix", "0.05", "--run-name", "tiny-2x3-seed0", check=False)
+    assert changed.returncode == 2
+    assert "--lr-matrix (0.02 -> 0.05)" in changed.stderr and len(changed.stderr.strip().splitlines()) == 1
+
+
+def test_two_processes_give_the_same_population(two_bases, small_data, tmp_path):
+    run_dir, _ = two_bases
+    # two bases on two processes: one base per process group
+    run_train(small_data, tmp_path, "--bases", "2", "--cycles", "3", "--distill-from-cycle", "2",
+              launcher=TORCHRUN_2)
+    assert snapshot_losses(tmp_path / "tiny-2x3-seed0") == snapshot_losses(run_dir)
+    # one base on two processes (DDP) against one process accumulating the same two micro-batches
+    run_train(small_data, tmp_path / "one", "--device-batch", "4", launcher=TORCHRUN_2)
+    run_train(small_data, tmp_path / "ddp_ref", "--device-batch", "4")
+    ddp, ref = snapshot_losses(tmp_path / "one/tiny-1x3-seed0"), snapshot_losses(tmp_path / "ddp_ref/tiny-1x3-seed0")
+    assert ddp.keys() == ref.keys()
+    for k in ref:
+        assert ddp[k] == pytest.approx(ref[k], abs=1e-4)
+
+
+def test_killed_run_resumes_bitwise(small_data, tmp_path):
+    flags = ["--cycles", "3", "--distill-from-cycle", "2", "--checkpoint-minutes", "0.0003"]
+    run_train(small_data, tmp_path / "whole", *flags)
+    runs = tmp_path / "killed"
+    run_dir = runs / "tiny-1x3-seed0"
+    for marker in ("checkpoints/base0.pt", "snapshots/b0c1.json"):  # one kill in cycle 1, one in cycle 2
+        cmd = [sys.executable, str(REPO / "train_q0.py"), *TINY, "--data-dir", str(small_data),
+               "--runs-dir", str(runs), *flags]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        deadline = time.time() + 120
+        while not (run_dir / marker).exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = run_train(small_data, runs, *flags)
+    assert "resumed at step" in resumed.stdout
+    whole = q0.list_snapshots(tmp_path / "whole/tiny-1x3-seed0")
+    again = q0.list_snapshots(run_dir)
+    assert [r["id"] for r in again] == ["b0c1", "b0c2", "b0c3"]
+    for a, b in zip(whole, again):
+        wa = torch.load(tmp_path / "whole/tiny-1x3-seed0" / a["weights"], weights_only=True)
+        wb = torch.load(run_dir / b["weights"], weights_only=True)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), a["id"]
+        assert a["val_loss"] == b["val_loss"]
+
+
+# --- bad input: one line, exit code 2, nothing trained ----------------------------------------
+
+def one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_data_names_the_command(tmp_path):
+    result = run_train(tmp_path / "nowhere", tmp_path, check=False)
+    one_line_error(result, "python data/")
+    assert not (tmp_path / "tiny-1x3-seed0").exists()
+
+
+def test_bad_layouts_and_sizes_are_refused(small_data, tmp_path):
+    one_line_error(run_train(small_data, tmp_path, "--bases", "3", "--groups", "2", check=False), "evenly")
+    one_line_error(run_train(small_data, tmp_path, "--device-batch", "3", check=False), "--device-batch")
+    one_line_error(run_train(small_data, tmp_path, "--fitness-tokens", "10000000", check=False), "fitness")
+    one_line_error(run_train(small_data, tmp_path, "--cycle-epochs", "0.001", check=False), "shorter than one step")
+    assert not any(tmp_path.glob("*/snapshots/*.pt"))
+
+
+def test_mismatched_vocabularies_are_refused(small_data, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.q0t").write_bytes((small_data / "train.q0t").read_bytes())
+    tokens = q0.read_tokens(small_data / "val.q0t").tokens
+    q0.write_shard(tmp_path / "data" / "val.q0t", tokens, vocab_size=50257, bos_id=0, tokenizer="gpt2",
+                   text_bytes=100)
+    one_line_error(run_train(tmp_path / "data", tmp_path / "runs", check=False), "do not match")
+
+
+def test_an_unrelated_folder_is_never_overwritten(small_data, tmp_path):
+    (tmp_path / "tiny-1x3-seed0").mkdir()
+    (tmp_path / "tiny-1x3-seed0" / "notes.txt").write_text("mine")
+    one_line_error(run_train(small_data, tmp_path, check=False), "not a q0 run")
+    assert (tmp_path / "tiny-1x3-seed0" / "notes.txt").read_text() == "mine"
