@@ -217,11 +217,10 @@ class DataError(UsageError):
     pass
 
 
-def _rebuild_hint(path) -> str:
-    name = str(path)
-    if "shakespeare" in name:
-        tok = "gpt2" if "gpt2" in name else "bytes"
-        return f"python data/shakespeare.py --tokenizer {tok}"
+def _rebuild_hint(path, tokenizer: str | None = None) -> str:
+    """The command that rebuilds a data file: by its tokenizer when known, else by its folder."""
+    if tokenizer == "bytes" or (tokenizer is None and "shakespeare" in str(path)):
+        return "python data/shakespeare.py --tokenizer " + ("gpt2" if "gpt2" in str(path) else "bytes")
     return "python data/fineweb.py"
 
 
@@ -278,8 +277,12 @@ def _read_q0t(path: Path) -> TokenFile:
     if tok_bytes not in (2, 4) or len(raw) != SHARD_HEADER_BYTES + n * tok_bytes:
         raise DataError(f"{path}: size {len(raw)} bytes does not match the header's {n} tokens "
                         f"(truncated?); rebuild it with: {hint}")
+    tok_name = tok_name.rstrip(b"\0").decode("ascii", errors="replace")
+    if hashlib.sha256(memoryview(raw)[SHARD_HEADER_BYTES:]).digest() != digest:
+        raise DataError(f"{path}: tokens do not match the SHA-256 in the header (corrupted); "
+                        f"rebuild it with: {_rebuild_hint(path, tok_name)}")
     tokens = np.frombuffer(raw, dtype=np.uint16 if tok_bytes == 2 else np.uint32, offset=SHARD_HEADER_BYTES)
-    return TokenFile(tokens, vocab, bos, tok_name.rstrip(b"\0").decode("ascii"), text_bytes, str(path), "q0")
+    return TokenFile(tokens, vocab, bos, tok_name, text_bytes, str(path), "q0")
 
 
 def _read_modded_bin(path: Path) -> TokenFile:
@@ -319,10 +322,10 @@ def read_tokens(path, expect_vocab: int | None = None) -> TokenFile:
         tf = _read_q0t(path)
     if expect_vocab is not None and tf.vocab_size != expect_vocab:
         raise DataError(f"{path}: vocabulary {tf.vocab_size} does not match the model's {expect_vocab}; "
-                        f"rebuild the data with the model's tokenizer ({_rebuild_hint(path)})")
+                        f"rebuild the data with the model's tokenizer ({_rebuild_hint(path, tf.tokenizer)})")
     if tf.tokens.size < 2 or int(tf.tokens.max()) >= tf.vocab_size:
         raise DataError(f"{path}: token ids outside the vocabulary of {tf.vocab_size}, or fewer than 2 tokens; "
-                        f"rebuild it with: {_rebuild_hint(path)}")
+                        f"rebuild it with: {_rebuild_hint(path, tf.tokenizer)}")
     return tf
 
 
@@ -800,7 +803,7 @@ def load_data(args) -> RunData:
             (val_file.vocab_size, val_file.tokenizer, val_file.bos_id):
         raise DataError(f"{train_file.path} ({train_file.tokenizer}, vocabulary {train_file.vocab_size}) and "
                         f"{val_file.path} ({val_file.tokenizer}, vocabulary {val_file.vocab_size}) do not match; "
-                        f"rebuild both with: {_rebuild_hint(args.data_dir)}")
+                        f"rebuild both with: {_rebuild_hint(args.data_dir, train_file.tokenizer)}")
     fitness, train = carve_fitness(train_file.tokens, train_file.bos_id, args.fitness_tokens)
     if args.train_tokens:
         if args.train_tokens > train.size:

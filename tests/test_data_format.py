@@ -114,6 +114,13 @@ def test_truncated_header(shard):
     assert_one_line_error(shard, "truncated")
 
 
+def test_corrupted_payload(shard):
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1  # one flipped bit in the last token
+    shard.write_bytes(bytes(raw))
+    assert_one_line_error(shard, "SHA-256")
+
+
 def test_wrong_magic(shard):
     shard.write_bytes(b"NOTQ0TOK" + shard.read_bytes()[8:])
     assert_one_line_error(shard, "magic")
