@@ -1059,10 +1059,11 @@ class BaseTrainer:
         torch.manual_seed(_seed(args.seed, base))  # the initialisation depends on the base only
         self.model = GPT(cfg).to(device)
         self.optimizer = build_optimizer(self.model, args)
-        self.forward = self.model
+        self.ddp = None
         if layout.group is not None:
             from torch.nn.parallel import DistributedDataParallel
-            self.forward = DistributedDataParallel(self.model, process_group=layout.group)
+            self.ddp = DistributedDataParallel(self.model, process_group=layout.group)
+        self.forward = self.ddp if self.ddp is not None else self.model
         if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
             self.forward = torch.compile(self.forward)
         self.teacher: GPT | None = None
@@ -1115,7 +1116,7 @@ class BaseTrainer:
         for a, k in enumerate(mine):
             rows = torch.from_numpy(batch[k * args.device_batch:(k + 1) * args.device_batch]).to(self.device)
             torch.manual_seed(_seed(args.seed, self.base, self.step, k))  # dropout masks follow the data
-            sync = nullcontext() if (lay.group is None or a == accum - 1) else self.forward.no_sync()
+            sync = nullcontext() if (self.ddp is None or a == accum - 1) else self.ddp.no_sync()
             with sync:
                 with autocast_for(self.device):
                     logits = self.forward(rows[:, :-1])
@@ -1178,19 +1179,23 @@ class BaseTrainer:
             self.log.line(f"[b{self.base}] already complete")
             return
         self.last_checkpoint = time.time()
-        tokens_done, t0 = 0, time.time()
+        tokens_done, train_seconds = 0, 0.0  # training steps only: evaluation is not in tokens/s
         for cycle in self.cycles[self.cycles_done:]:
             distill = 0 < args.distill_from_cycle <= cycle.index and cycle.index > 1
             if distill and self.teacher is None:
                 self.load_teacher(cycle.index - 1)
             for i in range(self.step - cycle.first_step, cycle.steps):
+                t0 = time.perf_counter()
                 loss = self.train_step(cycle, i, distill)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                train_seconds += time.perf_counter() - t0
                 tokens_done += cycle.batch_seqs * args.seq_len
                 if self.step % args.log_every == 0 or i == cycle.steps - 1:
                     if self.layout.group is not None:
                         dist.all_reduce(loss, group=self.layout.group)
                         loss /= self.layout.group_size
-                    rate = tokens_done / (time.time() - t0)
+                    rate = tokens_done / train_seconds
                     epoch = (cycle.first_pos + (i + 1) * cycle.batch_seqs * args.seq_len) / len(self.stream)
                     g = self.optimizer.param_groups[0]
                     self.log.line(f"[b{self.base}] cycle {cycle.index}/{len(self.cycles)} step {self.step}/"
