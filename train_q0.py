@@ -869,6 +869,22 @@ def load_snapshot_model(run_dir, record: dict, device="cpu", check_sha=True) -> 
     return model.to(device).eval()
 
 
+def load_val_tokens(run: dict) -> np.ndarray:
+    """A run's validation tokens, found from run.json (relative to here or to the repository) and
+    checked against the SHA-256 recorded when it trained."""
+    v = run["val"]
+    paths = [Path(p) if Path(p).exists() else REPO_ROOT / p for p in str(v["path"]).split(",")]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise UsageError(f"validation tokens {', '.join(missing)} (run.json val.path) not found; run from the "
+                         f"directory training ran in, or rebuild the data")
+    tokens = np.concatenate([read_tokens(p).tokens for p in paths])[:v["tokens"]]
+    if tokens_sha256(tokens) != v["sha256"]:
+        raise UsageError(f"validation tokens {v['path']} differ from the run's (sha256 {v['sha256'][:12]}); "
+                         f"rebuild the data the run was trained on")
+    return tokens
+
+
 def population_config(args) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if k not in NON_POPULATION_FLAGS}
 

@@ -1,0 +1,352 @@
+"""Validation loss of q0 snapshots and their probability-averaged ensembles.
+
+    python eval.py runs/q0 [--prior runs/q0/prior.json] [--plot]           # cached fp16, seconds
+    python eval.py runs/q0 --prior runs/q0/prior.json --forward             # forward passes, the truth
+    torchrun --nproc_per_node=2 eval.py runs/q0 --forward                    # members over processes
+
+Scores, on the whole validation set, in nats per token and bits per byte: every snapshot alone;
+the uniform ensemble; each prior budget K with renormalised and refitted weights; and the
+population curve (ensemble loss against epochs spent, as snapshots arrived, with uniform weights
+and with a prior refitted on the fitness caches of the snapshots present then). Every number
+carries its inference cost: forward passes = members in the ensemble.
+
+The cached path reads fp16 probabilities, whose rounding (relative 2**-11, so |d log p| <= 4.9e-4
+per token, unbiased) keeps it within 1e-3 nats/token of the forward path: that is the tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import resource
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import fit_prior
+import train_q0
+from fit_prior import die
+
+CACHE_TOLERANCE = 1e-3  # nats/token between the cached fp16 and forward paths (see the docstring)
+PROB_FLOOR = 2.0 ** -24  # the caches' clamp; the forward path applies the same one
+CHUNK_ELEMS = 1 << 24    # cached path: member probabilities held at once (64 MiB of float32)
+PARTS = ("members", "uniform", "prior", "curve")
+
+
+# ---------------------------------------------------------------------------------------------
+# What to score: weight vectors over the population
+# ---------------------------------------------------------------------------------------------
+
+def load_prior(path: Path, members, ks):
+    """prior.json's budgets as dense weight vectors over `members`, checked against the disk."""
+    if not path.is_file():
+        die(f"{path}: no such prior; fit one with `python fit_prior.py RUN_DIR`")
+    prior = json.loads(path.read_text())
+    if prior.get("format") != "q0-prior":
+        die(f"{path} is not a q0 prior (fit one with `python fit_prior.py RUN_DIR`)")
+    if prior["fitness"]["sha256"] != members[0].run["fitness"]["sha256"]:
+        die(f"{path} was fitted on a different fitness set than these runs; refit with fit_prior.py")
+    where = {(m.run_dir.resolve(), m.record["id"]): i for i, m in enumerate(members)}
+    budgets = {b["K"]: b for b in prior["budgets"]}
+    for k in ks or ():
+        if k not in budgets:
+            die(f"--budgets {k}: {path} has budgets {sorted(budgets)} only")
+    out = []
+    for k in sorted(ks or budgets):
+        b, idx = budgets[k], []
+        for ref in b["members"]:
+            i = where.get(((path.parent / ref["run"]).resolve(), ref["id"]))
+            if i is None:
+                die(f"{path} names snapshot {ref['id']} of {path.parent / ref['run']}, which is gone "
+                    f"(or its run was not given); refit with fit_prior.py")
+            if members[i].record["weights_sha256"] != ref["weights_sha256"]:
+                die(f"snapshot {members[i].name} changed since {path} was fitted (weights SHA-256 "
+                    f"differs); refit with fit_prior.py")
+            idx.append(i)
+        for kind in ("renormalised", "refitted"):
+            w = np.zeros(len(members))
+            w[idx] = b[f"weights_{kind}"]
+            out.append({"part": "prior", "K": k, "weights": kind, "w": w, "cost": k})
+    return prior, out
+
+
+def curve_points(m: int, most: int) -> list[int]:
+    """Population sizes for the curve: every arrival, or `most` of them evenly spaced (with M)."""
+    if m <= most:
+        return list(range(1, m + 1))
+    return sorted({round(1 + j * (m - 1) / (most - 1)) for j in range(most)})
+
+
+def curve_weightings(members, ns: list[int]):
+    P = fit_prior.load_matrix(members, "fitness")  # rows in arrival order: P[:n] is a prefix
+    out = []
+    for n in ns:
+        runs = {}
+        for m in members[:n]:
+            runs.setdefault(m.run_index, []).append(m.record)
+        point = {"part": "curve", "n": n, "latest": members[n - 1].record["id"], "cost": n,
+                 "epochs": sum(train_q0.epochs_spent(r) for r in runs.values())}
+        w = np.zeros(len(members))
+        w[:n] = 1.0 / n
+        out.append(point | {"weights": "uniform", "w": w})
+        fit = fit_prior.fit(P[:n])
+        w = np.zeros(len(members))
+        w[:n] = fit.w
+        out.append(point | {"weights": "prior", "w": w, "fitness_loss": fit.loss})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring: sum over validation targets of -log(sum_i w_i p_i), for every weighting at once
+# ---------------------------------------------------------------------------------------------
+
+class CacheFile:
+    """A val cache read in token chunks, hashed on the way so it is read from disk only once."""
+
+    def __init__(self, m):
+        if m.record.get("val_probs") is None:
+            die(f"{m.name} has no cached validation probabilities; evaluate with --forward")
+        self.path, self.expect = m.run_dir / m.record["val_probs"], m.record["val_probs_sha256"]
+        if not self.path.is_file():
+            die(f"{self.path} is missing (snapshot {m.name}); evaluate with --forward")
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            self.offset = f.tell()
+            f.seek(0)
+            self.hash = hashlib.sha256(f.read(self.offset))
+        n = m.run["val"]["targets"]
+        if dtype != np.float16 or shape != (n,):
+            die(f"{self.path}: expected float16[{n}], found {dtype}{list(shape)}")
+
+    def read(self, s: int, e: int) -> np.ndarray:  # called with consecutive chunks, in order
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + 2 * s)
+            raw = f.read(2 * (e - s))
+        self.hash.update(raw)
+        return np.frombuffer(raw, dtype=np.float16)
+
+    def check(self):  # the record's hash is of the whole file; trailing bytes would change it too
+        if self.hash.hexdigest() != self.expect:
+            die(f"{self.path}: SHA-256 differs from its snapshot record; the cache changed after it was written")
+
+
+def score_cached(members, W: torch.Tensor):
+    """Chunks of validation tokens x all members (bounded memory), all weightings per chunk."""
+    T = members[0].run["val"]["targets"]
+    files = [CacheFile(m) for m in members]
+    chunk = max(1024, CHUNK_ELEMS // len(members))
+    sums, member_sums = torch.zeros(len(W), dtype=torch.float64), torch.zeros(len(members), dtype=torch.float64)
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        Pc = torch.empty((len(members), e - s), dtype=torch.float32)
+        for i, f in enumerate(files):
+            Pc[i] = torch.from_numpy(f.read(s, e).astype(np.float32))
+        Pc = Pc.double()
+        member_sums -= Pc.log().sum(1)
+        sums -= (W @ Pc).log().sum(1)
+    for f in files:
+        f.check()
+    return sums.numpy(), member_sums.numpy()
+
+
+def score_forward(members, W: torch.Tensor, need: np.ndarray, device, batch_size: int, rank: int, world: int):
+    """Members stream from disk one at a time, spread over processes; per weighting only a
+    running sum of w_i p_i over validation targets is kept, then reduced over processes."""
+    run = members[0].run
+    tokens = train_q0.load_val_tokens(run)
+    acc = torch.zeros((len(W), run["val"]["targets"]), dtype=torch.float64)
+    member_sums = torch.zeros(len(members), dtype=torch.float64)
+    for i in np.flatnonzero(need)[rank::world]:
+        m = members[i]
+        model = train_q0.load_snapshot_model(m.run_dir, m.record, device)
+        p = train_q0.token_probs(model, tokens, run["seq_len"], batch_size, device)
+        del model
+        p = torch.from_numpy(np.maximum(p, PROB_FLOOR)).double()
+        member_sums[i] = -p.log().sum()
+        for j in torch.nonzero(W[:, i]).flatten().tolist():
+            acc[j] += W[j, i] * p
+    if world > 1:
+        dist.all_reduce(acc)
+        dist.all_reduce(member_sums)
+    return (-acc.log().sum(1)).numpy(), member_sums.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+def numbers(loss_sum: float, run: dict) -> dict:
+    T, nbytes = run["val"]["targets"], run["val"].get("text_bytes")
+    return {"loss": loss_sum / T, "bpb": loss_sum / (math.log(2) * nbytes) if nbytes else None}
+
+
+def fmt_bpb(x):
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def markdown(res: dict) -> str:
+    v = res["val"]
+    out = [f"# q0 evaluation ({res['path']})", "",
+           f"Validation: {v['targets']} targets, {v['text_bytes'] or 'unknown'} bytes, sha256 {v['sha256'][:12]}; "
+           f"{len(res['members']) or res['population']} snapshots. Loss in nats/token; bpb = bits per byte; "
+           f"forward passes = members run per token.", ""]
+    rows = []
+    if res.get("uniform"):
+        u = res["uniform"]
+        rows.append(f"| uniform, all | {u['forward_passes']} | {u['loss']:.4f} | {fmt_bpb(u['bpb'])} |")
+    for b in res.get("prior", {}).get("budgets", []):
+        for kind in ("renormalised", "refitted"):
+            rows.append(f"| prior K={b['K']}, {kind} | {b['forward_passes']} | {b[kind]['loss']:.4f} | "
+                        f"{fmt_bpb(b[kind]['bpb'])} |")
+    if rows:
+        out += ["| ensemble | forward passes | loss | bpb |", "| --- | ---: | ---: | ---: |", *rows, ""]
+    if res["members"]:
+        out += ["## Each snapshot alone", "", "| snapshot | run | base | cycle | base epochs | forward passes | loss | bpb |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        out += [f"| {m['id']} | {m['run']} | {m['base']} | {m['cycle']} | {m['base_epochs']:.2f} | 1 | "
+                f"{m['loss']:.4f} | {fmt_bpb(m['bpb'])} |" for m in res["members"]]
+        out.append("")
+    if res.get("curve"):
+        out += ["## Population curve", "",
+                "| snapshots | latest | epochs spent | forward passes | uniform loss | prior loss | uniform bpb | prior bpb |",
+                "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        out += [f"| {c['n']} | {c['latest']} | {c['epochs']:.2f} | {c['forward_passes']} | {c['uniform']['loss']:.4f} | "
+                f"{c['prior']['loss']:.4f} | {fmt_bpb(c['uniform']['bpb'])} | {fmt_bpb(c['prior']['bpb'])} |"
+                for c in res["curve"]]
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(res: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    budgets = res.get("prior", {}).get("budgets", [])
+    for kind in ("renormalised", "refitted"):
+        axes[0].plot([b["K"] for b in budgets], [b[kind]["loss"] for b in budgets], "o-", label=f"prior, {kind}")
+    if res.get("uniform"):
+        axes[0].axhline(res["uniform"]["loss"], ls="--", c="gray", label=f"uniform, K={res['uniform']['forward_passes']}")
+    axes[0].set(xscale="log", xlabel="K (forward passes)", ylabel="validation loss (nats/token)")
+    for kind in ("uniform", "prior"):
+        axes[1].plot([c["epochs"] for c in res.get("curve", [])], [c[kind]["loss"] for c in res.get("curve", [])],
+                     "o-", label=kind)
+    axes[1].set(xlabel="epochs spent", ylabel="validation loss (nats/token)")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run directories (a population may span several)")
+    ap.add_argument("--prior", help="prior.json from fit_prior.py: score its budgets")
+    ap.add_argument("--budgets", help="only these budgets K of the prior, comma-separated")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"what to score, from {','.join(PARTS)}")
+    ap.add_argument("--curve-points", type=int, default=64, help="most population sizes on the curve")
+    ap.add_argument("--forward", action="store_true", help="run every member's forward pass instead of the caches")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=int, default=16, help="windows per forward batch (--forward)")
+    ap.add_argument("--out", help="results JSON (default <first run>/eval[-forward].json; .md beside it); never overwritten")
+    ap.add_argument("--plot", action="store_true", help="also write a PNG beside --out (needs matplotlib)")
+    args = ap.parse_args(argv)
+
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        die(f"--parts {args.parts}: choose from {','.join(PARTS)}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            die("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+    out = Path(args.out) if args.out else Path(args.runs[0]) / ("eval-forward.json" if args.forward else "eval.json")
+    outputs = [out, out.with_suffix(".md")] + ([out.with_suffix(".png")] if args.plot else [])
+    for p in outputs:
+        if p.exists():
+            die(f"{p} exists and is never overwritten; choose another path with --out")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not args.forward:
+        die("the cached path runs in one process; drop torchrun, or add --forward")
+    if args.budgets and not args.prior:
+        die("--budgets selects budgets of a prior; give --prior too")
+
+    try:
+        members = fit_prior.load_population(args.runs)
+        ks = fit_prior.parse_budgets(args.budgets, len(members)) if args.budgets else None
+        weightings = []
+        if "uniform" in parts:
+            weightings.append({"part": "uniform", "w": np.full(len(members), 1.0 / len(members)), "cost": len(members)})
+        prior = None
+        if args.prior and "prior" in parts:
+            prior, ws = load_prior(Path(args.prior), members, ks)
+            weightings += ws
+        if "curve" in parts:
+            weightings += curve_weightings(members, curve_points(len(members), args.curve_points))
+        W = torch.from_numpy(np.stack([x["w"] for x in weightings])) if weightings \
+            else torch.zeros((0, len(members)), dtype=torch.float64)
+
+        rank = 0
+        if world > 1:
+            dist.init_process_group("gloo")
+            rank = dist.get_rank()
+        if args.forward:
+            need = (W != 0).any(0).numpy() | ("members" in parts)
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" and world > 1 else args.device
+            sums, member_sums = score_forward(members, W, need, device, args.batch_size, rank, world)
+        else:
+            sums, member_sums = score_cached(members, W)
+    except train_q0.UsageError as e:
+        die(str(e))
+    if rank != 0:
+        return
+
+    run = members[0].run
+    res = {"format": "q0-eval", "version": 1,
+           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "path": "forward passes" if args.forward else "cached fp16 probabilities",
+           "cache_tolerance_nats": CACHE_TOLERANCE, "processes": world,
+           "runs": [str(r) for r in args.runs], "population": len(members),
+           "val": {k: run["val"].get(k) for k in ("targets", "text_bytes", "sha256")},
+           "members": [], "curve": []}
+    if "members" in parts:
+        res["members"] = [{"run": str(m.run_dir), "id": m.record["id"], "base": m.record["base"],
+                           "cycle": m.record["cycle"], "base_epochs": m.record["base_epochs"],
+                           "forward_passes": 1, **numbers(s, run)} for m, s in zip(members, member_sums)]
+    budgets, curve = {}, {}
+    for x, s in zip(weightings, sums):
+        if x["part"] == "uniform":
+            res["uniform"] = {"forward_passes": x["cost"], **numbers(s, run)}
+        elif x["part"] == "prior":
+            budgets.setdefault(x["K"], {"K": x["K"], "forward_passes": x["cost"]})[x["weights"]] = numbers(s, run)
+        else:
+            c = curve.setdefault(x["n"], {k: x[k] for k in ("n", "latest", "epochs")} | {"forward_passes": x["cost"]})
+            c[x["weights"]] = numbers(s, run) | ({"fitness_loss": x["fitness_loss"]} if "fitness_loss" in x else {})
+    if prior is not None:
+        res["prior"] = {"file": str(args.prior), "solver": prior["solver"]["name"], "budgets": list(budgets.values())}
+    res["curve"] = list(curve.values())
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    md = markdown(res)
+    fit_prior.write_new(out, json.dumps(res, indent=1) + "\n")
+    fit_prior.write_new(out.with_suffix(".md"), md + "\n")
+    if args.plot:
+        plot(res, out.with_suffix(".png"))
+    print(md)
+    print(f"wrote {', '.join(map(str, outputs))} (peak RSS {res['peak_rss_mib']:.0f} MiB, rank 0)")
+
+
+if __name__ == "__main__":
+    main()

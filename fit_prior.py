@@ -1,0 +1,468 @@
+"""q0's learned prior: one weight vector over every snapshot, fitted on the held-out fitness set.
+
+    python fit_prior.py runs/q0 [runs/q0-node1 ...] [--budgets 1,2,4] [--out PATH] [--solver em]
+
+Minimises f(w) = mean_t -log(sum_i w_i p_i(y_t)) over the simplex, where p_i(y_t) is snapshot
+i's cached probability of the true next fitness token. Then, for each inference budget K, keeps
+the K largest weights, renormalised (the published rule), and also refits weights on those K
+alone. Writes prior.json (never overwriting a file) and prints a table.
+
+Every solver but adamw stops on a certificate, not a step count. With g_i = mean_t p_i / mix_t,
+for any v on the simplex, by Jensen, f(w) - f(v) = mean_t log(Pv/Pw) <= log mean_t(Pv/Pw)
+= log sum_i v_i g_i <= log max_i g_i. So log max_i g_i (computed in float64) bounds the distance
+to the optimum in nats per token; it is the KKT condition max_i g_i <= 1 read as a number.
+Default: active-set Newton (fast: 1,000 snapshots x 132K tokens in about 1.5 s on 2 cores).
+--solver em: EM, w_i <- w_i g_i, accelerated by SQUAREM (Varadhan & Roland 2008); slower.
+--solver adamw: the public code (AdamW lr 0.5, 300 steps); its gap is reported, not bounded.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import train_q0
+
+TOL = 1e-6            # nats per token: the certified distance to the optimum
+MAX_EM_STEPS = 20000  # a safety net; a stop here is reported, not hidden
+ADAMW_LR, ADAMW_STEPS = 0.5, 300  # the public code's solver
+FP32_MARGIN = 1e-4  # g_i above 1 + this in an fp32 pass: surely wanted
+CHUNK_ELEMS = 1 << 24  # float64 verification passes convert this many fp32 entries at a time
+
+
+def die(msg: str):
+    raise SystemExit(f"error: {msg}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The population: snapshots of one or more run directories, checked to be comparable
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Member:
+    run_dir: Path
+    run_index: int  # which of the given runs; two runs may each have a "base 0"
+    run: dict
+    record: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.run_dir}:{self.record['id']}"
+
+
+def load_population(run_dirs) -> list[Member]:
+    """Every snapshot of every run, in arrival order (cycle, run, base). Refuses runs whose
+    fitness sets, validation sets or tokenisers differ: their probabilities do not compare."""
+    members, first = [], None
+    for j, d in enumerate(run_dirs):
+        d = Path(d)
+        if not (d / "run.json").is_file():
+            die(f"{d}: not a run directory (no run.json); make one with `python train_q0.py`")
+        run = train_q0.load_run(d)
+        ident = {"tokenizer": run.get("tokenizer"), "fitness": run["fitness"].get("sha256"),
+                 "fitness targets": run["fitness"].get("targets"), "val": run["val"].get("sha256"),
+                 "val targets": run["val"].get("targets")}
+        if first is None:
+            first = (d, ident)
+        for key in ident:
+            if ident[key] != first[1][key]:
+                die(f"{d} and {first[0]} have different {key} ({ident[key]} vs {first[1][key]}); "
+                    f"a prior or ensemble mixes only snapshots scored on the same tokens")
+        recs = train_q0.list_snapshots(d)
+        if not recs:
+            die(f"{d}: no snapshots yet (a snapshot is written at the end of every cycle)")
+        members += [Member(d, j, run, r) for r in recs]
+    members.sort(key=lambda m: (m.record["cycle"], m.run_index, m.record["base"]))
+    return members
+
+
+def read_cache(m: Member, kind: str) -> np.ndarray:
+    """One snapshot's cached p(true token) on the fitness or val set (fp16), SHA-256 checked."""
+    rel = m.record.get(f"{kind}_probs")
+    if rel is None:
+        die(f"{m.name} has no cached {kind} probabilities; evaluate with --forward")
+    path = m.run_dir / rel
+    if not path.is_file():
+        die(f"{path} is missing (snapshot {m.name}); evaluate with --forward")
+    raw = path.read_bytes()  # hash exactly the bytes we parse
+    if hashlib.sha256(raw).hexdigest() != m.record[f"{kind}_probs_sha256"]:
+        die(f"{path}: SHA-256 differs from its snapshot record; the cache changed after it was written")
+    a = np.load(io.BytesIO(raw), allow_pickle=False)
+    n = m.run[kind]["targets"]
+    if a.dtype != np.float16 or a.shape != (n,):
+        die(f"{path}: expected float16[{n}], found {a.dtype}{list(a.shape)}")
+    return a
+
+
+def load_matrix(members: list[Member], kind: str) -> torch.Tensor:
+    """(M, T) float32, one row per snapshot, filled one fp16 file at a time (peak = matrix + one
+    file). Rows in arrival order, so P[:n] is the population after n arrivals, without a copy."""
+    P = torch.empty((len(members), members[0].run[kind]["targets"]), dtype=torch.float32)
+    for i, m in enumerate(members):
+        P[i] = torch.from_numpy(read_cache(m, kind))
+    return P
+
+
+# ---------------------------------------------------------------------------------------------
+# The solver
+# ---------------------------------------------------------------------------------------------
+
+class Mixture:
+    """f and g = -grad f of the mixture loss for a probability matrix P (M, T). Iterates use the
+    float32 matrix (two BLAS matrix-vector passes per EM step); exact=True redoes the same two
+    passes in float64, chunk by chunk, so a certificate is not an artefact of fp32 rounding."""
+
+    def __init__(self, P: torch.Tensor, exact: bool = False):
+        self.P, self.exact = P, exact
+
+    def restrict(self, idx) -> "Mixture":
+        return self if len(idx) == len(self.P) else Mixture(self.P[torch.as_tensor(idx)], self.exact)
+
+    def loss_grad(self, w: np.ndarray) -> tuple[float, np.ndarray]:
+        P, T = self.P, self.P.shape[1]
+        if not self.exact:
+            mix = torch.from_numpy(w.astype(np.float32)) @ P
+            g = (P @ mix.reciprocal()).double() / T
+            return float(-mix.double().log().mean()), g.numpy()
+        rows = max(1, CHUNK_ELEMS // T)
+        nz = np.flatnonzero(w)  # an active-set iterate has few members with weight
+        mix = torch.zeros(T, dtype=torch.float64)
+        for s in range(0, len(nz), rows):
+            i = torch.from_numpy(nz[s:s + rows])
+            mix += torch.from_numpy(w[nz[s:s + rows]]) @ P[i].double()
+        r = mix.reciprocal()
+        g = torch.cat([P[s:s + rows].double() @ r for s in range(0, len(P), rows)]) / T
+        return float(-mix.log().mean()), g.numpy()
+
+
+@dataclasses.dataclass
+class Fit:
+    w: np.ndarray
+    loss: float
+    gap: float  # certified bound on loss - optimum, nats per token
+    steps: int  # EM-map evaluations (each: two passes over P)
+    seconds: float
+
+
+def _gap(g: np.ndarray) -> float:
+    return max(0.0, math.log(float(g.max())))
+
+
+def _em(w, g):
+    w = w * g
+    return w / w.sum()
+
+
+def fit_em(mix: Mixture, w0: np.ndarray, tol: float = TOL, max_steps: int = MAX_EM_STEPS) -> Fit:
+    """SQUAREM-accelerated EM (scheme S3), monotone by safeguard, stopped by the certificate.
+    w0 must be strictly positive: EM never revives a zero weight."""
+    t0, steps = time.perf_counter(), 0
+
+    def evaluate(w):
+        nonlocal steps
+        steps += 1
+        f, g = mix.loss_grad(w)
+        return f, g, _gap(g)
+
+    w0 = np.asarray(w0, dtype=np.float64) / np.sum(w0)
+    f0, g0, gap0 = evaluate(w0)
+    while gap0 > tol and steps < max_steps:
+        w1 = _em(w0, g0)
+        f1, g1, gap1 = evaluate(w1)
+        if gap1 <= tol:
+            w0, f0, g0, gap0 = w1, f1, g1, gap1
+            break
+        w2 = _em(w1, g1)
+        r, v = w1 - w0, (w2 - w1) - (w1 - w0)
+        nv = np.linalg.norm(v)
+        alpha = min(-1.0, -np.linalg.norm(r) / nv) if nv > 0 else -1.0
+        # Extrapolate; back off toward alpha = -1 (which is exactly w2, an EM iterate and so
+        # never worse than w1) while the point leaves the simplex or the loss goes up.
+        for _ in range(4):
+            wp = w0 - 2 * alpha * r + alpha * alpha * v
+            if wp.min() > 0:
+                wp /= wp.sum()
+                fp, gp, gapp = evaluate(wp)
+                if fp <= f1:
+                    break
+            alpha = (alpha - 1) / 2
+        else:
+            wp = w2
+            fp, gp, gapp = evaluate(wp)
+        w0, f0, g0, gap0 = wp, fp, gp, gapp
+    return Fit(w0, f0, gap0, steps, time.perf_counter() - t0)
+
+
+def _restricted(PS: torch.Tensor, wS: np.ndarray):
+    """Loss, g and the scaled rows A = p_i / mix on the working set, in float64."""
+    mix = torch.from_numpy(wS) @ PS
+    A = PS / mix
+    return float(-mix.log().mean()), A.mean(1).numpy(), A
+
+
+def _newton(PS: torch.Tensor, wS: np.ndarray, tol: float, max_steps: int = 100):
+    """Newton's method on the simplex face spanned by the working set: the KKT system
+    [H 1; 1' 0][d; l] = [g; 0] with H = A A' / T, a fraction-to-boundary step and Armijo
+    backtracking. A member whose weight reaches 0 is dropped (the outer loop re-adds it if the
+    full KKT check says it is wanted). Returns the kept positions, their weights, step count."""
+    keep = np.arange(len(wS))
+    T = PS.shape[1]
+    steps = 0
+    while steps < max_steps:
+        Pk = PS[torch.from_numpy(keep)] if len(keep) < len(PS) else PS
+        f, g, A = _restricted(Pk, wS)
+        if _gap(g) <= tol:
+            break
+        steps += 1
+        A32 = A.float()
+        del A
+        H = (A32 @ A32.T).double().numpy() / T
+        n = len(keep)
+        H[np.diag_indices(n)] += 1e-12 * max(1.0, np.trace(H) / n)  # duplicates make H singular
+        # Members at zero that Newton would push negative leave the face; solve again without them.
+        while True:
+            K = np.block([[H, np.ones((n, 1))], [np.ones((1, n)), np.zeros((1, 1))]])
+            d = np.linalg.solve(K, np.append(g, 0.0))[:n]
+            out = (wS <= 0) & (d < 0)
+            if not out.any():
+                break
+            inside = ~out
+            keep, wS, g, H, n = keep[inside], wS[inside], g[inside], H[np.ix_(inside, inside)], int(inside.sum())
+            Pk = Pk[torch.from_numpy(inside)]
+        neg = d < 0
+        tmax = float(np.min(-wS[neg] / d[neg])) if neg.any() else np.inf
+        t, slope = min(1.0, tmax), -float(g @ d)  # directional derivative of f, negative
+        while t > 1e-14:
+            wt = np.maximum(wS + t * d, 0.0)
+            ft = float(-(torch.from_numpy(wt / wt.sum()) @ Pk).log().mean())
+            if ft <= f + 1e-4 * t * slope:
+                break
+            t /= 2
+        else:
+            break  # no descent left at float64 resolution: the outer check decides
+        blocked = np.argmin(np.where(neg, -wS / np.where(neg, d, 1), np.inf))
+        wS = np.maximum(wS + t * d, 0.0)
+        if t == tmax:
+            wS[blocked] = 0.0
+        wS /= wS.sum()
+        alive = wS > 0
+        keep, wS = keep[alive], wS[alive]
+    return keep, wS, steps
+
+
+def fit_newton(P: torch.Tensor, tol: float = TOL, max_rounds: int = 200) -> Fit:
+    """Active-set Newton (in the spirit of mix-SQP, Kim et al. 2020): Newton on a small working
+    set, whose Hessian costs |S|^2 T, with one pass over all M members per round to check the
+    certificate and add the members it says are wanted (g_i > 1). fp32 passes while iterating;
+    the certificate that stops it is recomputed in float64."""
+    t0 = time.perf_counter()
+    M = len(P)
+    w = np.full(M, 1.0 / M)
+    exact = False
+    steps = 0
+    S = np.empty(0, dtype=np.int64)
+    for _ in range(max_rounds):
+        f, g = Mixture(P, exact).loss_grad(w)
+        steps += 1
+        gap = _gap(g)
+        if exact and gap <= tol:
+            break
+        # fp32 sums over T tokens carry ~1e-6 relative error: good for finding members that
+        # are wanted, not for certifying 1e-6. When fp32 sees nothing to add, go float64.
+        wanted = np.setdiff1d(np.flatnonzero(g > (1.0 if exact else 1.0 + FP32_MARGIN)), S)
+        if not len(wanted) and not exact:
+            exact = True
+            continue
+        add = wanted[np.argsort(-g[wanted], kind="stable")[:max(16, len(S))]]
+        S = np.concatenate([S, add])
+        PS = P[torch.from_numpy(S)].double()
+        wS = np.where(w[S] > 0, w[S], 0.0)
+        if wS.sum() == 0:
+            wS[:] = 1.0
+        wS /= wS.sum()
+        keep, wS, n = _newton(PS, wS, tol / 4)
+        steps += n
+        S = S[keep]
+        w = np.zeros(M)
+        w[S] = wS
+    return Fit(w, f, gap, steps, time.perf_counter() - t0)
+
+
+def fit_adamw(P: torch.Tensor, lr: float = ADAMW_LR, steps: int = ADAMW_STEPS) -> Fit:
+    """The public code's solver: w = softmax(alpha), AdamW on alpha (torch's default weight
+    decay), a fixed step count. Its gap is measured, not guaranteed."""
+    t0 = time.perf_counter()
+    alpha = torch.zeros(len(P), requires_grad=True)
+    opt = torch.optim.AdamW([alpha], lr=lr)
+    for _ in range(steps):
+        loss = -(torch.softmax(alpha, 0) @ P).log().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w = torch.softmax(alpha.detach().double(), 0).numpy()
+    f, g = Mixture(P, exact=True).loss_grad(w)
+    return Fit(w, f, _gap(g), steps, time.perf_counter() - t0)
+
+
+def fit(P: torch.Tensor, solver: str = "newton") -> Fit:
+    if solver == "adamw":
+        return fit_adamw(P)
+    if solver == "em":
+        return fit_em(Mixture(P, exact=True), np.full(len(P), 1.0 / len(P)))
+    return fit_newton(P)
+
+
+def mixture_loss(P: torch.Tensor, w: np.ndarray) -> float:
+    return Mixture(P, exact=True).loss_grad(np.asarray(w, dtype=np.float64))[0]
+
+
+def top_k(w: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest weights, largest first; ties go to the earlier arrival."""
+    return np.argsort(-w, kind="stable")[:k]
+
+
+def budget_fit(P: torch.Tensor, w: np.ndarray, k: int, solver: str = "newton", full: Fit | None = None) -> dict:
+    """Budget K: the top-K members renormalised, and the same members refitted alone (for
+    K = M that refit is the full fit: pass it as `full` to skip solving again)."""
+    idx = top_k(w, k)
+    renorm = w[idx] / w[idx].sum()
+    dense = np.zeros(len(P))
+    dense[idx] = renorm
+    if k < len(P):
+        refit = fit(P[torch.from_numpy(idx)], solver)
+    else:  # all members: fit in place (no copy of P), then read the weights in idx order
+        refit = full or fit(P, solver)
+        refit = dataclasses.replace(refit, w=refit.w[idx])
+    return {"idx": idx, "renormalised": renorm, "refitted": refit.w,
+            "loss_renormalised": mixture_loss(P, dense), "fit": refit}
+
+
+def default_budgets(m: int) -> list[int]:
+    ks = [1 << i for i in range(m.bit_length()) if (1 << i) < m]
+    return ks + [m]
+
+
+def parse_budgets(text: str | None, m: int) -> list[int]:
+    if text is None:
+        return default_budgets(m)
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        die(f"--budgets {text!r}: expected comma-separated integers, e.g. 1,2,4")
+    if not ks or ks[0] < 1 or ks[-1] > m:
+        die(f"--budgets {text}: each K must be between 1 and the population size {m}")
+    return ks
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+def write_new(path: Path, text: str, flag: str = "--out"):
+    """Atomic and never clobbering: write a temp file, then hard-link it into place (link fails
+    if the name exists, even if another process created it a moment ago)."""
+    path = Path(path)
+    if path.exists():
+        die(f"{path} exists and is never overwritten; choose another path with {flag}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            die(f"{path} exists and is never overwritten; choose another path with {flag}")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def member_ref(m: Member, base: Path) -> dict:
+    """How prior.json names a snapshot: run directory relative to the prior file (so the tree
+    can move), snapshot id, and the weights' SHA-256 (so a retrained snapshot is caught)."""
+    return {"run": os.path.relpath(m.run_dir.resolve(), base.resolve()), "id": m.record["id"],
+            "weights_sha256": m.record["weights_sha256"]}
+
+
+def build_prior(members, full: Fit, budgets: list[dict], solver: str, out: Path, uniform: float) -> dict:
+    run = members[0].run
+    base = out.parent
+    return {
+        "format": "q0-prior", "version": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "runs": sorted({os.path.relpath(m.run_dir.resolve(), base.resolve()) for m in members}),
+        "tokenizer": run.get("tokenizer"),
+        "fitness": {"sha256": run["fitness"].get("sha256"), "tokens": run["fitness"].get("tokens"),
+                    "targets": run["fitness"]["targets"]},
+        "solver": {"name": solver, "steps": full.steps, "seconds": round(full.seconds, 4),
+                   "gap_bound": full.gap, "tol": None if solver == "adamw" else TOL},
+        "loss_uniform": uniform,
+        "members": [member_ref(m, base) | {"weight": float(w)} for m, w in zip(members, full.w)],
+        "loss": full.loss,
+        "budgets": [{
+            "K": len(b["idx"]),
+            "members": [member_ref(members[i], base) for i in b["idx"]],
+            "weights_renormalised": [float(x) for x in b["renormalised"]],
+            "weights_refitted": [float(x) for x in b["refitted"]],
+            "loss_renormalised": b["loss_renormalised"], "loss_refitted": b["fit"].loss,
+            "refit_steps": b["fit"].steps, "refit_gap_bound": b["fit"].gap,
+        } for b in budgets],
+    }
+
+
+def table(prior: dict, members) -> str:
+    s = prior["solver"]
+    lines = [
+        f"fitness set: {prior['fitness']['targets']} targets, sha256 {str(prior['fitness']['sha256'])[:12]}, "
+        f"tokenizer {prior['tokenizer']}; {len(members)} snapshots",
+        f"solver {s['name']}: {s['steps']} steps, {s['seconds']:.2f} s, "
+        f"certified within {s['gap_bound']:.1e} nats/token of the optimum"
+        if s["name"] != "adamw" else
+        f"solver adamw: {s['steps']} steps, {s['seconds']:.2f} s, gap bound {s['gap_bound']:.1e} nats/token",
+        f"fitness loss: uniform over all {len(members)} = {prior['loss_uniform']:.4f}, prior = {prior['loss']:.4f}",
+        "",
+        f"{'K':>5} {'forward passes':>14} {'renormalised':>13} {'refitted':>9}  top members (renormalised weight)",
+    ]
+    for b in prior["budgets"]:
+        top = ", ".join(f"{r['id']} {w:.3f}" for r, w in zip(b["members"][:4], b["weights_renormalised"]))
+        more = f", +{b['K'] - 4}" if b["K"] > 4 else ""
+        lines.append(f"{b['K']:>5} {b['K']:>14} {b['loss_renormalised']:>13.4f} {b['loss_refitted']:>9.4f}  {top}{more}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run directories (a population may span several)")
+    ap.add_argument("--out", help="prior file to write (default: <first run>/prior.json); never overwritten")
+    ap.add_argument("--budgets", help="inference budgets K, comma-separated (default 1,2,4,... and M)")
+    ap.add_argument("--solver", choices=["newton", "em", "adamw"], default="newton",
+                    help="newton: active-set Newton, certified (default); em: SQUAREM-accelerated EM, "
+                         "certified, slower; adamw: the public code's 300 AdamW steps, gap reported")
+    args = ap.parse_args(argv)
+
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "prior.json"
+    if out.exists():
+        die(f"{out} exists and is never overwritten; choose another path with --out")
+    members = load_population(args.runs)
+    ks = parse_budgets(args.budgets, len(members))
+    P = load_matrix(members, "fitness")
+    full = fit(P, args.solver)
+    budgets = [budget_fit(P, full.w, k, args.solver, full) for k in ks]
+    uniform = mixture_loss(P, np.full(len(P), 1.0 / len(P)))
+    prior = build_prior(members, full, budgets, args.solver, out, uniform)
+    write_new(out, json.dumps(prior, indent=1) + "\n")
+    print(table(prior, members))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""eval.py on synthetic run directories (cached path) and on a tiny real run from train_q0
+(cached vs forward passes, one process vs two)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from test_prior import assert_clean_error, cli, make_run, synthetic  # noqa: E402
+
+
+def nll_sum(P, w):
+    return float(-np.log(w @ P.astype(np.float64)).sum())
+
+
+@pytest.fixture
+def population(tmp_path):
+    fit, val = synthetic(6, 800, seed=11), synthetic(6, 600, seed=12)
+    run = make_run(tmp_path, "a", fit, val, bases=2, text_bytes=1234)
+    assert cli("fit_prior.py", run, "--budgets", "1,2,6").returncode == 0
+    return run, fit, val
+
+
+def test_cached_eval_numbers(population):
+    run, fit, val = population
+    r = cli("eval.py", run, "--prior", run / "prior.json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((run / "eval.json").read_text())
+    assert (run / "eval.md").read_text().startswith("# q0 evaluation")
+    order = [0, 1, 2, 3, 4, 5]  # make_run: row i is base i % 2, cycle i // 2 = arrival order
+    for i, m in zip(order, res["members"]):
+        assert m["forward_passes"] == 1
+        assert abs(m["loss"] - nll_sum(val[i:i + 1], np.ones(1)) / 600) < 1e-9
+        assert abs(m["bpb"] - nll_sum(val[i:i + 1], np.ones(1)) / (np.log(2) * 1234)) < 1e-9
+    assert res["uniform"]["forward_passes"] == 6
+    assert abs(res["uniform"]["loss"] - nll_sum(val, np.full(6, 1 / 6)) / 600) < 1e-9
+    prior = json.loads((run / "prior.json").read_text())
+    ids = [f"b{i % 2}c{i // 2}" for i in range(6)]
+    for b, pb in zip(res["prior"]["budgets"], prior["budgets"]):
+        assert b["K"] == pb["K"] == b["forward_passes"]
+        for kind in ("renormalised", "refitted"):
+            w = np.zeros(6)
+            w[[ids.index(m["id"]) for m in pb["members"]]] = pb[f"weights_{kind}"]
+            assert abs(b[kind]["loss"] - nll_sum(val, w) / 600) < 1e-9
+    curve = res["curve"]
+    assert [c["n"] for c in curve] == [1, 2, 3, 4, 5, 6]
+    assert [c["epochs"] for c in curve] == [2, 4, 6, 8, 10, 12]  # per base: its latest base_epochs
+    assert [c["forward_passes"] for c in curve] == [1, 2, 3, 4, 5, 6]
+    assert abs(curve[-1]["uniform"]["loss"] - res["uniform"]["loss"]) < 1e-12
+    assert abs(curve[-1]["prior"]["fitness_loss"] - prior["loss"]) < 1e-6
+    assert abs(curve[0]["prior"]["loss"] - res["members"][0]["loss"]) < 1e-12
+
+
+def test_eval_bpb_na_and_no_prior(tmp_path):
+    run = make_run(tmp_path, "a", synthetic(3, 300, 13), synthetic(3, 200, 14), text_bytes=None)
+    r = cli("eval.py", run, "--curve-points", "2")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((run / "eval.json").read_text())
+    assert res["uniform"]["bpb"] is None and "n/a" in r.stdout and "prior" not in res
+    assert [c["n"] for c in res["curve"]] == [1, 3]
+
+
+def test_eval_bad_inputs(population, tmp_path):
+    run, fit, val = population
+    out = tmp_path / "e.json"
+    assert_clean_error(cli("eval.py", tmp_path / "nope"), "run.json")
+    assert_clean_error(cli("eval.py", run, "--prior", tmp_path / "none.json", "--out", out), "no such prior")
+    assert_clean_error(cli("eval.py", run, "--prior", run / "prior.json", "--budgets", "3", "--out", out), "budgets")
+    snaps = run / "snapshots"
+    rec = json.loads((snaps / "b1c1.json").read_text())
+    (snaps / "b1c1.json").write_text(json.dumps(rec | {"weights_sha256": "0" * 64}))  # retrained
+    assert_clean_error(cli("eval.py", run, "--prior", run / "prior.json", "--out", out), "b1c1", "SHA-256")
+    (snaps / "b1c1.json").write_text(json.dumps(rec))
+    np.save(snaps / "b0c0.val.npy", val[1])  # a cache changed behind its record
+    assert_clean_error(cli("eval.py", run, "--out", out), "b0c0.val.npy", "SHA-256")
+    np.save(snaps / "b0c0.val.npy", val[0])
+    shutil.move(snaps / "b1c1.json", tmp_path / "gone.json")  # a snapshot deleted after the fit
+    assert_clean_error(cli("eval.py", run, "--prior", run / "prior.json", "--out", out), "b1c1", "gone")
+    assert not out.exists()
+    assert cli("eval.py", run, "--out", out).returncode == 0
+    assert_clean_error(cli("eval.py", run, "--out", out), "exists", "--out")
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny real run: the cached path against forward passes, and two processes against one
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    if not (REPO / "data/shakespeare/bytes/train.q0t").exists():
+        pytest.skip("no data: python data/shakespeare.py --tokenizer bytes")
+    runs = tmp_path_factory.mktemp("runs")
+    r = subprocess.run([sys.executable, str(REPO / "train_q0.py"), "--preset", "tiny", "--runs-dir", str(runs),
+                        "--run-name", "t", "--bases", "2", "--cycles", "2"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = runs / "t"
+    assert cli("fit_prior.py", run).returncode == 0
+    return run
+
+
+def numbers(res):
+    """Every loss and bpb in an eval.json, by a stable name."""
+    out = {f"member {m['id']}": m for m in res["members"]} | {"uniform": res["uniform"]}
+    out |= {f"K={b['K']} {k}": b[k] for b in res["prior"]["budgets"] for k in ("renormalised", "refitted")}
+    out |= {f"curve {c['n']} {k}": c[k] for c in res["curve"] for k in ("uniform", "prior")}
+    return {f"{name} {q}": v[q] for name, v in out.items() for q in ("loss", "bpb")}
+
+
+def test_cached_agrees_with_forward_passes(real_run, tmp_path):
+    args = [real_run, "--prior", real_run / "prior.json"]
+    for extra, name in (([], "c.json"), (["--forward"], "f.json")):
+        r = cli("eval.py", *args, *extra, "--out", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    cached, forward = (numbers(json.loads((tmp_path / n).read_text())) for n in ("c.json", "f.json"))
+    assert cached.keys() == forward.keys() and len(cached) == 2 * (4 + 1 + 3 * 2 + 4 * 2)  # 4 snapshots, budgets 1,2,4
+    diff = {k: abs(cached[k] - forward[k]) for k in cached}
+    assert max(diff.values()) <= 1e-3, diff  # fp16 rounding of the caches (eval.CACHE_TOLERANCE)
+    # Each snapshot's forward loss is the one train_q0 logged when it saved the snapshot.
+    for rec in (json.loads(p.read_text()) for p in (real_run / "snapshots").glob("b*c*.json")):
+        assert abs(forward[f"member {rec['id']} loss"] - rec["val_loss"]) <= 1e-3
+
+
+def test_two_processes_equal_one(real_run, tmp_path):
+    args = [real_run, "--prior", real_run / "prior.json", "--forward"]
+    r = cli("eval.py", *args, "--out", tmp_path / "one.json")
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "eval.py"), *map(str, args), "--out", str(tmp_path / "two.json")],
+                       cwd=REPO, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / n).read_text()) for n in ("one.json", "two.json"))
+    assert two["processes"] == 2
+    a, b = numbers(one), numbers(two)
+    # Same members, same windows; only the order of float64 additions (and fp32 kernels picked
+    # for another thread count) differ.
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-6
