@@ -1185,7 +1185,8 @@ class BaseTrainer:
             uniform = f"{pop['uniform_val_loss']:.4f}" if pop["uniform_val_loss"] is not None else "n/a"
             self.log.line(f"[b{self.base}] population: {pop['snapshots']} snapshots | epochs spent "
                           f"{pop['epochs_spent']:.2f} | best single {pop['best_single_val_loss']:.4f} "
-                          f"({pop['best_single']}) | uniform ensemble val {uniform} ({pop['snapshots']} forward passes)")
+                          f"({pop['best_single']}) | uniform ensemble val {uniform} ({pop['snapshots']} forward "
+                          f"pass{'es' if pop['snapshots'] != 1 else ''})")
             self.log.event("snapshot", **record)
             self.log.event("population", base=self.base, after=sid, **pop)
 
