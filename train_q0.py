@@ -975,24 +975,22 @@ class PopulationTracker:
     probabilities; each file is read once (a running sum), so cost stays linear in snapshots."""
 
     def __init__(self, run_dir: Path):
-        self.run_dir, self.seen, self.records, self.prob_sum = run_dir, set(), [], None
+        self.run_dir, self.records, self.prob_sum, self.all_cached = run_dir, [], 0.0, True
 
     def update(self) -> dict:
+        seen = {r["id"] for r in self.records}
         for r in list_snapshots(self.run_dir):
-            if r["id"] in self.seen:
+            if r["id"] in seen:
                 continue
-            self.seen.add(r["id"])
             self.records.append(r)
-            if r.get("val_probs") and self.prob_sum is not False:
-                p = np.load(self.run_dir / r["val_probs"]).astype(np.float64)
-                self.prob_sum = p if self.prob_sum is None else self.prob_sum + p
+            if r.get("val_probs"):
+                self.prob_sum = self.prob_sum + np.load(self.run_dir / r["val_probs"]).astype(np.float64)
             else:
-                self.prob_sum = False  # one member without a cache: no uniform number, rather than a wrong one
+                self.all_cached = False  # one member without a cache: no uniform number rather than a wrong one
         n = len(self.records)
-        uniform = mean_nll(self.prob_sum / n) if n and self.prob_sum is not None and self.prob_sum is not False \
-            else None
         best = min(self.records, key=lambda r: r["val_loss"]) if n else None
-        return {"snapshots": n, "epochs_spent": epochs_spent(self.records), "uniform_val_loss": uniform,
+        return {"snapshots": n, "epochs_spent": epochs_spent(self.records),
+                "uniform_val_loss": mean_nll(self.prob_sum / n) if n and self.all_cached else None,
                 "best_single_val_loss": best["val_loss"] if best else None,
                 "best_single": best["id"] if best else None}
 
