@@ -311,6 +311,8 @@ def main(argv=None):
             sums, member_sums = score_cached(members, W)
     except train_q0.UsageError as e:
         die(str(e))
+    if world > 1:
+        dist.destroy_process_group()  # sums are reduced; an open gloo group aborts at interpreter exit
     if rank != 0:
         return
 

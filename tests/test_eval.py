@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from conftest import run_train  # noqa: E402
 from test_prior import assert_clean_error, cli, make_run, synthetic  # noqa: E402
 
 
@@ -92,14 +93,9 @@ def test_eval_bad_inputs(population, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
-    if not (REPO / "data/shakespeare/bytes/train.q0t").exists():
-        pytest.skip("no data: python data/shakespeare.py --tokenizer bytes")
+def real_run(tmp_path_factory, small_data):
     runs = tmp_path_factory.mktemp("runs")
-    r = subprocess.run([sys.executable, str(REPO / "train_q0.py"), "--preset", "tiny", "--runs-dir", str(runs),
-                        "--run-name", "t", "--bases", "2", "--cycles", "2"],
-                       cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_train(small_data, runs, "--run-name", "t", "--bases", "2", "--cycles", "2")
     run = runs / "t"
     assert cli("fit_prior.py", run).returncode == 0
     return run
