@@ -209,10 +209,6 @@ def atomic_save_npy(path, array: np.ndarray):
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = b"Q0TOKENS", 1, 256
 _SHARD_STRUCT = struct.Struct("<8sIIQIIQQ32s32s")
 MODDED_MAGIC, MODDED_VERSION = 20240520, 1
-DATA_COMMANDS = {
-    "bytes": "python data/shakespeare.py --tokenizer bytes",
-    "gpt2": "python data/fineweb.py  (or: python data/shakespeare.py --tokenizer gpt2)",
-}
 
 
 class DataError(UsageError):

@@ -6,14 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import REPO, TINY, TORCHRUN_2, run_train, write_bytes_shard
+from conftest import REPO, TINY, TORCHRUN_2, run_train
 import train_q0 as q0
 
 
