@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1: normalise the orthogonalised update row-wise by a second moment (NorMuon)")
     g.add_argument("--grad-clip", type=float, default=1.0)
     g = p.add_argument_group("population layout (the epoch budget is bases x total epochs per base)")
+    g.add_argument("--epochs", type=float, default=0,
+                   help="epoch budget summed over bases: choose --bases, --cycles, --cycle-epochs and "
+                        "--first-cycle-epochs by the recipe (README); those flags, given, override it")
     g.add_argument("--bases", type=int, default=5, help="parallel trajectories, each its own seed and data order")
     g.add_argument("--cycles", type=int, default=96, help="cycles per base = snapshots per base")
     g.add_argument("--cycle-epochs", type=float, default=2.0, help="length of every cycle after the first")
@@ -144,11 +147,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The --epochs recipe: how a budget of E epochs (summed over bases) splits into bases, cycles and
+# cycle lengths. Fitted on the CPU study in records/2026-11-23_shakespeare-cpu (allocations tried
+# at 1 to 64 epochs) and extended above 64 by the published guidance: one base up to 128 epochs,
+# one more per doubling. Each base spends half its budget, at most RECIPE_FIRST_MAX epochs, before
+# its first snapshot, then cycles of 1/8 of its budget, at most RECIPE_CYCLE_MAX epochs: small
+# budgets pack short cycles at the end, large ones many 2-epoch cycles.
+RECIPE_FIRST_MAX = 8.0
+RECIPE_CYCLE_MAX = 2.0
+RECIPE_LAYOUT_FLAGS = ("bases", "cycles", "cycle_epochs", "first_cycle_epochs")
+
+
+def recipe(epochs: float, given: dict | None = None) -> dict:
+    """The layout for a budget of `epochs`; `given` holds layout flags set explicitly, which win.
+    Cycle counts are whole, so the cycle length is then stretched to spend the budget exactly."""
+    out = dict(given or {})
+    if "bases" not in out:
+        out["bases"] = 1 if epochs <= 128 else 1 + math.ceil(math.log2(epochs / 128) - 1e-9)
+    per_base = epochs / out["bases"]
+    if "first_cycle_epochs" not in out:
+        if "cycles" in out and "cycle_epochs" in out:
+            out["first_cycle_epochs"] = per_base - (out["cycles"] - 1) * out["cycle_epochs"]
+        else:
+            out["first_cycle_epochs"] = min(per_base / 2, RECIPE_FIRST_MAX) if per_base > 1 else per_base
+    rest = per_base - out["first_cycle_epochs"]
+    if "cycles" not in out:
+        out["cycles"] = 1 + max(1, round(rest / out.get("cycle_epochs", min(per_base / 8, RECIPE_CYCLE_MAX)))) \
+            if rest > 1e-9 else 1
+    if "cycle_epochs" not in out:
+        out["cycle_epochs"] = rest / (out["cycles"] - 1) if out["cycles"] > 1 else RECIPE_CYCLE_MAX
+    spent = out["bases"] * (out["first_cycle_epochs"] + (out["cycles"] - 1) * out["cycle_epochs"])
+    if out["cycles"] < 1 or out["first_cycle_epochs"] <= 0 or abs(spent - epochs) > 1e-6 * max(1.0, epochs):
+        flags = " ".join(f"--{k.replace('_', '-')} {out[k]:g}" for k in RECIPE_LAYOUT_FLAGS if k in (given or {}))
+        raise UsageError(f"--epochs {epochs:g} with {flags} spends {spent:g} epochs; give fewer layout flags "
+                         f"or a budget they fill")
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     preset = parser.parse_known_args(argv)[0].preset
     parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
+    if args.epochs:
+        explicit = argparse.ArgumentParser(add_help=False)  # which layout flags the user typed
+        for flag in RECIPE_LAYOUT_FLAGS:
+            explicit.add_argument("--" + flag.replace("_", "-"), type=type(getattr(args, flag)),
+                                  default=argparse.SUPPRESS)
+        given = vars(explicit.parse_known_args(argv)[0])
+        vars(args).update(recipe(args.epochs, given))
     if not args.run_name:
         args.run_name = f"{args.preset}-{args.bases}x{args.cycles}-seed{args.seed}"
     return args
@@ -1247,7 +1294,12 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     world, rank, device = setup_distributed()
     try:
         data = load_data(args)

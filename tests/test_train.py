@@ -51,6 +51,29 @@ def test_plan_cycles_layout_and_batch_schedule():
         q0.plan_cycles(args_for(cycle_epochs=0.01, cycles=2), train_tokens=4096)
 
 
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4, 8, 16, 32, 64, 100, 128, 256, 512, 1024])
+def test_recipe_spends_the_budget_and_follows_the_published_guidance(epochs):
+    r = q0.recipe(epochs)
+    assert r["bases"] * (r["first_cycle_epochs"] + (r["cycles"] - 1) * r["cycle_epochs"]) == pytest.approx(epochs)
+    assert r["bases"] == (1 if epochs <= 128 else 2 if epochs <= 256 else 3 if epochs <= 512 else 4)
+    assert r["first_cycle_epochs"] <= q0.RECIPE_FIRST_MAX
+    if r["cycles"] > 1:  # cycles after the first stretch: short for small budgets, at most 2 epochs (+ rounding)
+        assert r["cycle_epochs"] <= q0.RECIPE_CYCLE_MAX * 1.01
+        assert r["cycle_epochs"] <= r["first_cycle_epochs"]
+
+
+def test_recipe_explicit_flags_win_and_contradictions_are_refused():
+    assert q0.recipe(64, {"bases": 2}) == {"bases": 2, "first_cycle_epochs": 8.0, "cycles": 13, "cycle_epochs": 2.0}
+    assert q0.recipe(64, {"cycles": 5})["cycle_epochs"] == pytest.approx(14.0)
+    assert q0.recipe(64, {"cycles": 5, "cycle_epochs": 4.0})["first_cycle_epochs"] == pytest.approx(48.0)
+    with pytest.raises(q0.UsageError, match="spends 19 epochs"):
+        q0.recipe(64, {"cycles": 5, "cycle_epochs": 4.0, "first_cycle_epochs": 3.0})
+    args = q0.parse_args(["--preset", "tiny", "--epochs", "16", "--cycle-epochs", "4"])
+    assert (args.bases, args.first_cycle_epochs, args.cycles, args.cycle_epochs) == (1, 8.0, 3, 4.0)
+    args = q0.parse_args(["--preset", "tiny", "--cycles", "7"])  # no --epochs: the preset's layout, untouched
+    assert (args.cycles, args.first_cycle_epochs, args.cycle_epochs) == (7, 1.0, 1.0)
+
+
 def test_noise_scale_decays_from_start_to_end():
     assert q0.noise_scale(1, 10, 0.25, 0.05) == pytest.approx(0.25)
     assert q0.noise_scale(10, 10, 0.25, 0.05) == pytest.approx(0.05)
@@ -270,6 +293,17 @@ def test_bad_layouts_and_sizes_are_refused(small_data, tmp_path):
     one_line_error(run_train(small_data, tmp_path, "--fitness-tokens", "10000000", check=False), "fitness")
     one_line_error(run_train(small_data, tmp_path, "--cycle-epochs", "0.001", check=False), "shorter than one step")
     assert not any(tmp_path.glob("*/snapshots/*.pt"))
+
+
+def test_epochs_flag_trains_the_recipe_layout(small_data, tmp_path):
+    run_train(small_data, tmp_path, "--epochs", "3", "--device-batch", "2", "--run-name", "budget3")
+    run = json.loads((tmp_path / "budget3" / "run.json").read_text())
+    assert {k: run["population_config"][k] for k in q0.RECIPE_LAYOUT_FLAGS} == q0.recipe(3)
+    records = q0.list_snapshots(tmp_path / "budget3")
+    assert len(records) == q0.recipe(3)["cycles"] and q0.epochs_spent(records) == pytest.approx(3, abs=0.02)
+    one_line_error(run_train(small_data, tmp_path, "--epochs", "3", "--cycles", "2", "--cycle-epochs", "1",
+                             "--first-cycle-epochs", "3", "--run-name", "bad", check=False), "--epochs 3", "spends 4")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_mismatched_vocabularies_are_refused(small_data, tmp_path):
