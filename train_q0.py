@@ -148,34 +148,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # The --epochs recipe: how a budget of E epochs (summed over bases) splits into bases, cycles and
-# cycle lengths. Fitted on the CPU study in records/2026-11-23_shakespeare-cpu (allocations tried
-# at 1 to 64 epochs) and extended above 64 by the published guidance: one base up to 128 epochs,
-# one more per doubling. Each base spends half its budget, at most RECIPE_FIRST_MAX epochs, before
-# its first snapshot, then cycles of 1/8 of its budget, at most RECIPE_CYCLE_MAX epochs: small
-# budgets pack short cycles at the end, large ones many 2-epoch cycles.
-RECIPE_FIRST_MAX = 8.0
-RECIPE_CYCLE_MAX = 2.0
+# cycle lengths. Every base first trains half its budget, at most `first_max` epochs, as one
+# stretch before its first snapshot, then runs cycles of 1/8 of its budget, at most `cycle_max`
+# epochs: small budgets pack short cycles at the end, large ones run many cycles. One base takes
+# budgets up to `one_base` epochs; each doubling beyond adds a base (the published guidance).
+# The three numbers depend on the scale, so each preset has its own:
+#   cpu, tiny: measured by the CPU study (records/2026-11-23_shakespeare-cpu: 38 allocations at 1
+#              to 64 epochs): first 8 (the single model's best is 10), cycles of 1 epoch, and
+#              two bases beat one from 64 epochs.
+#   slowrun:   the published guidance (one base up to 128 epochs) and the record's 2-epoch cycles;
+#              first_max 16 is where the single model saturates there. Not measured by us.
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    one_base: float
+    first_max: float
+    cycle_max: float
+
+
+RECIPES = {"slowrun": Recipe(one_base=128, first_max=16, cycle_max=2),
+           "cpu": Recipe(one_base=32, first_max=8, cycle_max=1),
+           "tiny": Recipe(one_base=32, first_max=8, cycle_max=1)}
 RECIPE_LAYOUT_FLAGS = ("bases", "cycles", "cycle_epochs", "first_cycle_epochs")
 
 
-def recipe(epochs: float, given: dict | None = None) -> dict:
+def recipe(epochs: float, rule: Recipe, given: dict | None = None) -> dict:
     """The layout for a budget of `epochs`; `given` holds layout flags set explicitly, which win.
     Cycle counts are whole, so the cycle length is then stretched to spend the budget exactly."""
     out = dict(given or {})
     if "bases" not in out:
-        out["bases"] = 1 if epochs <= 128 else 1 + math.ceil(math.log2(epochs / 128) - 1e-9)
+        out["bases"] = 1 if epochs <= rule.one_base else 1 + math.ceil(math.log2(epochs / rule.one_base) - 1e-9)
     per_base = epochs / out["bases"]
     if "first_cycle_epochs" not in out:
         if "cycles" in out and "cycle_epochs" in out:
             out["first_cycle_epochs"] = per_base - (out["cycles"] - 1) * out["cycle_epochs"]
         else:
-            out["first_cycle_epochs"] = min(per_base / 2, RECIPE_FIRST_MAX) if per_base > 1 else per_base
+            out["first_cycle_epochs"] = min(per_base / 2, rule.first_max) if per_base > 1 else per_base
     rest = per_base - out["first_cycle_epochs"]
     if "cycles" not in out:
-        out["cycles"] = 1 + max(1, round(rest / out.get("cycle_epochs", min(per_base / 8, RECIPE_CYCLE_MAX)))) \
-            if rest > 1e-9 else 1
+        length = out.get("cycle_epochs", min(per_base / 8, rule.cycle_max))
+        out["cycles"] = 1 + max(1, round(rest / length)) if rest > 1e-9 else 1
     if "cycle_epochs" not in out:
-        out["cycle_epochs"] = rest / (out["cycles"] - 1) if out["cycles"] > 1 else RECIPE_CYCLE_MAX
+        out["cycle_epochs"] = rest / (out["cycles"] - 1) if out["cycles"] > 1 else rule.cycle_max
     spent = out["bases"] * (out["first_cycle_epochs"] + (out["cycles"] - 1) * out["cycle_epochs"])
     if out["cycles"] < 1 or out["first_cycle_epochs"] <= 0 or abs(spent - epochs) > 1e-6 * max(1.0, epochs):
         flags = " ".join(f"--{k.replace('_', '-')} {out[k]:g}" for k in RECIPE_LAYOUT_FLAGS if k in (given or {}))
@@ -195,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             explicit.add_argument("--" + flag.replace("_", "-"), type=type(getattr(args, flag)),
                                   default=argparse.SUPPRESS)
         given = vars(explicit.parse_known_args(argv)[0])
-        vars(args).update(recipe(args.epochs, given))
+        vars(args).update(recipe(args.epochs, RECIPES[args.preset], given))
     if not args.run_name:
         args.run_name = f"{args.preset}-{args.bases}x{args.cycles}-seed{args.seed}"
     return args

@@ -51,24 +51,34 @@ def test_plan_cycles_layout_and_batch_schedule():
         q0.plan_cycles(args_for(cycle_epochs=0.01, cycles=2), train_tokens=4096)
 
 
+@pytest.mark.parametrize("preset", sorted(q0.RECIPES))
 @pytest.mark.parametrize("epochs", [1, 2, 3, 4, 8, 16, 32, 64, 100, 128, 256, 512, 1024])
-def test_recipe_spends_the_budget_and_follows_the_published_guidance(epochs):
-    r = q0.recipe(epochs)
+def test_recipe_spends_the_budget_and_adds_a_base_per_doubling(epochs, preset):
+    rule = q0.RECIPES[preset]
+    r = q0.recipe(epochs, rule)
     assert r["bases"] * (r["first_cycle_epochs"] + (r["cycles"] - 1) * r["cycle_epochs"]) == pytest.approx(epochs)
-    assert r["bases"] == (1 if epochs <= 128 else 2 if epochs <= 256 else 3 if epochs <= 512 else 4)
-    assert r["first_cycle_epochs"] <= q0.RECIPE_FIRST_MAX
-    if r["cycles"] > 1:  # cycles after the first stretch: short for small budgets, at most 2 epochs (+ rounding)
-        assert r["cycle_epochs"] <= q0.RECIPE_CYCLE_MAX * 1.01
+    assert r["bases"] == max(1, math.ceil(math.log2(epochs / rule.one_base) - 1e-9) + 1)
+    assert r["first_cycle_epochs"] <= rule.first_max
+    if r["cycles"] > 1:  # short cycles after the first stretch, at most cycle_max (+ rounding)
+        assert r["cycle_epochs"] <= rule.cycle_max * 1.05
         assert r["cycle_epochs"] <= r["first_cycle_epochs"]
 
 
+def test_recipe_published_guidance_at_slowrun_scale():
+    bases = {e: q0.recipe(e, q0.RECIPES["slowrun"])["bases"] for e in (64, 128, 256, 512)}
+    assert bases == {64: 1, 128: 1, 256: 2, 512: 3}  # one base up to 128 epochs, one more per doubling
+
+
 def test_recipe_explicit_flags_win_and_contradictions_are_refused():
-    assert q0.recipe(64, {"bases": 2}) == {"bases": 2, "first_cycle_epochs": 8.0, "cycles": 13, "cycle_epochs": 2.0}
-    assert q0.recipe(64, {"cycles": 5})["cycle_epochs"] == pytest.approx(14.0)
-    assert q0.recipe(64, {"cycles": 5, "cycle_epochs": 4.0})["first_cycle_epochs"] == pytest.approx(48.0)
-    with pytest.raises(q0.UsageError, match="spends 19 epochs"):
-        q0.recipe(64, {"cycles": 5, "cycle_epochs": 4.0, "first_cycle_epochs": 3.0})
-    args = q0.parse_args(["--preset", "tiny", "--epochs", "16", "--cycle-epochs", "4"])
+    cpu = q0.RECIPES["cpu"]
+    assert q0.recipe(64, cpu) == {"bases": 2, "first_cycle_epochs": 8.0, "cycles": 25, "cycle_epochs": 1.0}
+    assert q0.recipe(64, cpu, {"bases": 1}) == {"bases": 1, "first_cycle_epochs": 8.0, "cycles": 57,
+                                                "cycle_epochs": 1.0}
+    assert q0.recipe(64, cpu, {"cycles": 5})["cycle_epochs"] == pytest.approx(6.0)  # 2 bases of 8 + 4 x 6
+    assert q0.recipe(64, cpu, {"cycles": 5, "cycle_epochs": 4.0})["first_cycle_epochs"] == pytest.approx(16.0)
+    with pytest.raises(q0.UsageError, match="spends 38 epochs"):
+        q0.recipe(64, cpu, {"cycles": 5, "cycle_epochs": 4.0, "first_cycle_epochs": 3.0})
+    args = q0.parse_args(["--preset", "cpu", "--epochs", "16", "--cycle-epochs", "4"])
     assert (args.bases, args.first_cycle_epochs, args.cycles, args.cycle_epochs) == (1, 8.0, 3, 4.0)
     args = q0.parse_args(["--preset", "tiny", "--cycles", "7"])  # no --epochs: the preset's layout, untouched
     assert (args.cycles, args.first_cycle_epochs, args.cycle_epochs) == (7, 1.0, 1.0)
@@ -298,9 +308,9 @@ def test_bad_layouts_and_sizes_are_refused(small_data, tmp_path):
 def test_epochs_flag_trains_the_recipe_layout(small_data, tmp_path):
     run_train(small_data, tmp_path, "--epochs", "3", "--device-batch", "2", "--run-name", "budget3")
     run = json.loads((tmp_path / "budget3" / "run.json").read_text())
-    assert {k: run["population_config"][k] for k in q0.RECIPE_LAYOUT_FLAGS} == q0.recipe(3)
+    assert {k: run["population_config"][k] for k in q0.RECIPE_LAYOUT_FLAGS} == q0.recipe(3, q0.RECIPES["tiny"])
     records = q0.list_snapshots(tmp_path / "budget3")
-    assert len(records) == q0.recipe(3)["cycles"] and q0.epochs_spent(records) == pytest.approx(3, abs=0.02)
+    assert len(records) == q0.recipe(3, q0.RECIPES["tiny"])["cycles"] and q0.epochs_spent(records) == pytest.approx(3, abs=0.02)
     one_line_error(run_train(small_data, tmp_path, "--epochs", "3", "--cycles", "2", "--cycle-epochs", "1",
                              "--first-cycle-epochs", "3", "--run-name", "bad", check=False), "--epochs 3", "spends 4")
     assert not (tmp_path / "bad").exists()

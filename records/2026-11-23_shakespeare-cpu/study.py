@@ -9,8 +9,8 @@ already finished is reused, a cut-off one resumes, so the study can be stopped a
 
 Stages, in order (each needs the ones before it):
   single       one model, one linear-decay schedule of E epochs, for E in --budgets (and the
-               extra points 6 and 12 near its optimum), --seeds seeds: the saturation curve.
-  allocations  q0 layouts tried at five budgets (seed 0) to find the `--epochs` recipe.
+               extra points 6, 10, 12 and 14 near its optimum), --seeds seeds: the saturation curve.
+  allocations  q0 layouts tried at six budgets (seed 0) to find the `--epochs` recipe.
   baseline     independent members, each with the single-model schedule that is best on the
                fitness set (E*), seeds 100+; the ensemble at budget E is the first E/E* of them,
                probabilities averaged uniformly. Below E* it is the single model of E epochs.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import json
 import math
 import os
@@ -37,14 +38,15 @@ sys.path.insert(0, str(ROOT))
 import train_q0  # noqa: E402  (epochs_spent: the budget a run's snapshots account for)
 
 PY = sys.executable
-SINGLE_EXTRA = (6, 12)          # finer points near the single model's optimum
+SINGLE_EXTRA = (6, 10, 12, 14)        # finer points near the single model's optimum
 BASELINE_SEED0 = 100            # baseline members: seeds 100, 101, ... (disjoint from the others)
 ALLOCATIONS = {                 # budget -> (bases, first-cycle epochs, cycle epochs) tried
     1: [(1, 0.5, 0.25), (1, 0.5, 0.5)],
     2: [(1, 1, 0.5), (1, 1, 0.25), (1, 1.5, 0.25)],
     4: [(1, 2, 0.5), (1, 2, 1), (1, 1, 0.5), (1, 3, 0.5)],
-    16: [(1, 8, 2), (1, 6, 2), (1, 4, 2), (1, 8, 1), (1, 12, 1), (1, 8, 4)],
-    64: [(1, 8, 2), (1, 16, 2), (1, 32, 2), (1, 8, 4), (2, 8, 2)],
+    16: [(1, 8, 2), (1, 6, 2), (1, 4, 2), (1, 8, 1), (1, 12, 1), (1, 12, 2), (1, 8, 4)],
+    32: [(1, 8, 2), (1, 8, 1), (2, 8, 1)],
+    64: [(1, 8, 2), (1, 12, 2), (1, 16, 2), (1, 8, 4), (1, 8, 1), (2, 8, 2), (2, 8, 1), (4, 8, 1)],
 }
 
 
@@ -138,7 +140,8 @@ def q0_result(run_dir: Path, baseline_members: int) -> dict:
     if not prior_path.is_file():
         tool("fit_prior.py", run_dir)
     if not eval_path.is_file():
-        tool("eval.py", run_dir, "--prior", prior_path, "--plot")
+        plot_flag = ["--plot"] if importlib.util.find_spec("matplotlib") else []
+        tool("eval.py", run_dir, "--prior", prior_path, *plot_flag)
     prior, res = json.loads(prior_path.read_text()), json.loads(eval_path.read_text())
     recs = snapshots(run_dir)
     budgets = {b["K"]: b for b in res["prior"]["budgets"]}
@@ -174,13 +177,25 @@ def stage_allocations(a, single: dict) -> dict:
     return out
 
 
+def q0_run_name(a, epochs: float, seed: int) -> str:
+    """An allocation run with the recipe's layout and this seed is the same run (same flags, same
+    seed): reuse it rather than train it twice."""
+    r = train_q0.recipe(epochs, train_q0.RECIPES["cpu"])
+    alloc = f"alloc-e{fmt(epochs)}-p{r['bases']}-f{fmt(r['first_cycle_epochs'])}-c{fmt(r['cycle_epochs'])}"
+    if seed == 0 and r["cycles"] > 1 and (a.runs / alloc / "manifest.json").is_file():
+        return alloc
+    return f"q0-e{fmt(epochs)}-s{seed}"
+
+
 def stage_q0(a, baseline: dict) -> dict:
-    jobs = [(f"q0-e{fmt(e)}-s{s}", ["--epochs", fmt(e), "--seed", str(s)]) for e in a.budgets for s in a.seeds]
+    names = {(e, s): q0_run_name(a, e, s) for e in a.budgets for s in a.seeds}
+    jobs = [(names[e, s], ["--epochs", fmt(e), "--seed", str(s)]) for e in a.budgets for s in a.seeds
+            if names[e, s].startswith("q0-")]
     train_all(a.runs, sorted(jobs, key=lambda j: -float(j[0].split("-e")[1].split("-")[0])), a.workers)
     out = {}
     for e in a.budgets:
         n = baseline["budgets"][fmt(e)]["members"]
-        out[fmt(e)] = [q0_result(a.runs / f"q0-e{fmt(e)}-s{s}", n) for s in a.seeds]
+        out[fmt(e)] = [q0_result(a.runs / names[e, s], n) for s in a.seeds]
     return out
 
 
