@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 # epochs: small budgets pack short cycles at the end, large ones run many cycles. One base takes
 # budgets up to `one_base` epochs; each doubling beyond adds a base (the published guidance).
 # The three numbers depend on the scale, so each preset has its own:
-#   cpu, tiny: measured by the CPU study (records/2026-11-23_shakespeare-cpu: 38 allocations at 1
-#              to 64 epochs): first 8 (the single model's best is 10), cycles of 1 epoch, and
-#              two bases beat one from 64 epochs.
+#   cpu, tiny: measured by the CPU study (records/2026-11-23_shakespeare-cpu: 27 allocations at 1
+#              to 64 epochs): first 8 (the single model's best is 10), cycles of 1 epoch; at 64
+#              epochs two bases beat one and four (at 32, two beat one by 0.011 on one seed).
 #   slowrun:   the published guidance (one base up to 128 epochs) and the record's 2-epoch cycles;
 #              first_max 16 is where the single model saturates there. Not measured by us.
 @dataclasses.dataclass(frozen=True)

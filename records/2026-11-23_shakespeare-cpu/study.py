@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import datetime
 import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,12 +149,19 @@ def q0_result(run_dir: Path, baseline_members: int) -> dict:
     budgets = {b["K"]: b for b in res["prior"]["budgets"]}
     nonzero = sum(1 for m in prior["members"] if m["weight"] > 1e-6)
     full = budgets[max(budgets)]
-    k_match = min(budgets, key=lambda k: (abs(k - baseline_members), k))
+    k_match = min(baseline_members, len(recs))
+    if k_match not in budgets:  # the default budgets are powers of two: fit this K on its own
+        prior_k, eval_k = run_dir / f"prior-k{k_match}.json", run_dir / f"eval-k{k_match}.json"
+        if not prior_k.is_file():
+            tool("fit_prior.py", run_dir, "--budgets", k_match, "--out", prior_k)
+        if not eval_k.is_file():
+            tool("eval.py", run_dir, "--prior", prior_k, "--parts", "prior", "--out", eval_k)
+        budgets[k_match] = json.loads(eval_k.read_text())["prior"]["budgets"][0]
     return {
         "run": run_dir.name, "snapshots": len(recs), "epochs": train_q0.epochs_spent(recs),
         "prior_val": full["refitted"]["loss"], "prior_nonzero": nonzero,
         "k_match": k_match, "k_match_val": budgets[k_match]["refitted"]["loss"],
-        "k_best_on_val": min(budgets, key=lambda k: budgets[k]["refitted"]["loss"]),
+        "k_best_on_val": min(budgets, key=lambda k: (budgets[k]["refitted"]["loss"], k)),
         "best_k_val": min(b["refitted"]["loss"] for b in budgets.values()),
         "uniform_val": res["uniform"]["loss"], "best_snapshot_val": min(r["val_loss"] for r in recs),
         "prior_fitness": prior["loss"],
@@ -237,23 +246,44 @@ def report(a, single, baseline, allocations, q0) -> dict:
             "q0_prior": [r["prior_val"] for r in q], "q0_prior_forward_passes": [r["prior_nonzero"] for r in q],
             "q0_k_match": [r["k_match_val"] for r in q], "k_match": q[0]["k_match"],
             "q0_snapshots": [r["snapshots"] for r in q], "q0_uniform": [r["uniform_val"] for r in q],
-            "q0_best_k_on_val": [r["best_k_val"] for r in q],
+            "q0_best_k_on_val": [r["best_k_val"] for r in q], "q0_k_best_on_val": [r["k_best_on_val"] for r in q],
+            "q0_epochs_spent": mean([r["epochs"] for r in q]),
+            "baseline_epochs_spent": baseline["budgets"][b]["epochs"],
         })
     for r in rows:
         r["margin_over_best_single"] = mean(r["best_single"]) - mean(r["q0_prior"])
         r["margin_over_baseline"] = mean(r["baseline"]) - mean(r["q0_prior"])
     base_best = min(rows, key=lambda r: mean(r["baseline"]))
     ratios = {}
+    spent = base_best["baseline_epochs_spent"]  # ratios count the epochs really spent, not the labels
     for key in ("q0_prior", "q0_k_match"):
-        reach = epochs_to_reach([(r["budget"], mean(r[key])) for r in rows], mean(base_best["baseline"]))
-        ratios[key] = {"baseline_best_loss": mean(base_best["baseline"]), "baseline_epochs": base_best["budget"],
-                       "q0_epochs_to_match": reach, "ratio": base_best["budget"] / reach if reach else None}
+        reach = epochs_to_reach([(r["q0_epochs_spent"], mean(r[key])) for r in rows], mean(base_best["baseline"]))
+        ratios[key] = {"baseline_best_loss": mean(base_best["baseline"]), "baseline_epochs": spent,
+                       "q0_epochs_to_match": reach, "ratio": spent / reach if reach else None}
+    record = [copy_record_run(a.runs / r["run"]) for r in q0[budgets[-1]]]
     summary = {"budgets": a.budgets, "seeds": a.seeds, "single": single, "baseline": baseline,
-               "allocations": allocations, "q0": q0, "table": rows, "ratios": ratios}
+               "allocations": allocations, "q0": q0, "table": rows, "ratios": ratios, "record_runs": record}
     (HERE / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
     (HERE / "study.md").write_text(markdown(summary) + "\n")
     plot(summary, HERE / "study.png")
     return summary
+
+
+RECORD_FILES = ("run.json", "log.txt", "metrics.jsonl", "manifest.json", "prior.json", "eval.json", "eval.md",
+                "eval.png", "prior-k6.json", "eval-k6.json", "eval-k6.md")
+
+
+def copy_record_run(run_dir: Path) -> dict:
+    """The largest budget's q0 runs are the record: their logs, prior and evaluation (not the
+    snapshot weights) go beside this file, under runs/."""
+    dest = HERE / "runs" / run_dir.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, dest / name)
+    created = datetime.datetime.fromisoformat(json.loads((run_dir / "run.json").read_text())["created"])
+    finished = datetime.datetime.fromtimestamp((run_dir / "manifest.json").stat().st_mtime, datetime.timezone.utc)
+    return {"run": run_dir.name, "training_wall_s": round((finished - created).total_seconds())}
 
 
 def markdown(s: dict) -> str:
@@ -267,7 +297,10 @@ def markdown(s: dict) -> str:
         out.append(f"| {fmt(r['budget'])} | {spread(r['single_own_schedule'])} | {spread(r['best_single'])} "
                    f"({fmt(r['best_single_epochs'])}) | {spread(r['baseline'])} ({r['baseline_members']}) | "
                    f"{spread(r['q0_prior'])} ({'/'.join(map(str, r['q0_prior_forward_passes']))}) | "
-                   f"{spread(r['q0_k_match'])} (K={r['k_match']}) | {r['margin_over_best_single']:+.4f} |")
+                   f"{spread(r['q0_k_match'])} (K={r['k_match']}) | {round(r['margin_over_best_single'], 4) + 0.0:+.4f} |")
+    out += ["", "Epochs really spent (each cycle is a whole number of steps, and q0's cycles in the "
+            "outer quarters use a 0.75x batch, so its budgets are met within 1.1%): " + ", ".join(f"budget {fmt(r['budget'])}: q0 {r['q0_epochs_spent']:.2f}, baseline "
+                                f"{fmt(r['baseline_epochs_spent'])}" for r in s["table"]) + "."]
     out += ["", "| q0 variant | baseline's best loss | baseline epochs | q0 epochs to match | ratio |", "|---|---|---|---|---|"]
     for key, r in s["ratios"].items():
         reach = f"{r['q0_epochs_to_match']:.1f}" if r["q0_epochs_to_match"] else "not reached"
@@ -292,24 +325,28 @@ def plot(s: dict, path: Path):
     except ImportError:
         print("matplotlib is not installed: no study.png (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     series = [("single_own_schedule", "single model, own schedule of E epochs", "tab:gray", ":"),
               ("best_single", "best single model (<= E epochs)", "black", "-"),
               ("baseline", "ensemble baseline (independent members)", "tab:blue", "-"),
               ("q0_k_match", "q0, K = baseline members", "tab:orange", "--"),
               ("q0_prior", "q0, learned prior", "tab:red", "-")]
-    for key, label, colour, style in series:
-        xs = [r["budget"] for r in s["table"]]
-        ys = [mean(r[key]) for r in s["table"]]
-        lo = [mean(r[key]) - min(r[key]) for r in s["table"]]
-        hi = [max(r[key]) - mean(r[key]) for r in s["table"]]
-        ax.errorbar(xs, ys, yerr=[lo, hi], label=label, color=colour, ls=style, marker="o", ms=3, capsize=2)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("epochs (summed over members)")
-    ax.set_ylabel("validation loss (nats/byte)")
-    ax.set_title("q0 on a CPU: bytes Shakespeare, 32K train tokens, 0.95M params")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, first in zip(axes, (1, 8)):  # all budgets; then a zoom on where the methods part
+        rows = [r for r in s["table"] if r["budget"] >= first]
+        for key, label, colour, style in series:
+            ys = [mean(r[key]) for r in rows]
+            err = [[y - min(r[key]) for y, r in zip(ys, rows)], [max(r[key]) - y for y, r in zip(ys, rows)]]
+            ax.errorbar([r["budget"] for r in rows], ys, yerr=err, label=label, color=colour, ls=style,
+                        marker="o", ms=3, capsize=2)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("epoch budget (summed over members)")
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(1.9, 2.3)
+    axes[1].set_title("zoom: 8 to 64 epochs (single model's own schedule leaves the chart)", fontsize=9)
+    axes[0].set_title(f"q0 on a CPU: bytes Shakespeare, 32K train tokens, 0.95M params, {len(s['seeds'])} seeds",
+                      fontsize=9)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
