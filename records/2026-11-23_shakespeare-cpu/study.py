@@ -302,10 +302,11 @@ def markdown(s: dict) -> str:
             "outer quarters use a 0.75x batch, so its budgets are met within 1.1%): " + ", ".join(f"budget {fmt(r['budget'])}: q0 {r['q0_epochs_spent']:.2f}, baseline "
                                 f"{fmt(r['baseline_epochs_spent'])}" for r in s["table"]) + "."]
     out += ["", "| q0 variant | baseline's best loss | baseline epochs | q0 epochs to match | ratio |", "|---|---|---|---|---|"]
+    names = {"q0_prior": "q0, learned prior", "q0_k_match": "q0, K = baseline members"}
     for key, r in s["ratios"].items():
         reach = f"{r['q0_epochs_to_match']:.1f}" if r["q0_epochs_to_match"] else "not reached"
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
-        out.append(f"| {key} | {r['baseline_best_loss']:.4f} | {fmt(r['baseline_epochs'])} | {reach} | {ratio} |")
+        out.append(f"| {names[key]} | {r['baseline_best_loss']:.4f} | {fmt(r['baseline_epochs'])} | {reach} | {ratio} |")
     out += ["", "Allocations tried (seed 0; bases x first stretch + cycles x cycle length):", "",
             "| budget | bases | first | cycle | snapshots | q0 prior val | prior fitness | uniform val | best snapshot val |",
             "|---|---|---|---|---|---|---|---|---|"]
