@@ -202,6 +202,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     preset = parser.parse_known_args(argv)[0].preset
     parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
+    if args.epochs < 0:
+        raise UsageError(f"--epochs {args.epochs:g}: give a positive epoch budget, or leave it out")
     if args.epochs:
         explicit = argparse.ArgumentParser(add_help=False)  # which layout flags the user typed
         for flag in RECIPE_LAYOUT_FLAGS:
