@@ -7,6 +7,7 @@ cycle; each cycle distils from the previous snapshot of its own base (chain dist
 fit_prior.py then weights the snapshots and eval.py scores the probability-averaged ensemble.
 
     python train_q0.py --preset cpu                   # a laptop CPU, a few minutes
+    python train_q0.py --preset cpu --epochs 64       # the CPU record: the budget recipe picks the layout
     torchrun --nproc_per_node=8 train_q0.py           # the 1.8B Slowrun configuration, 8xH100
 
 Read top to bottom: configuration, data, model, optimiser, schedule, distillation,
