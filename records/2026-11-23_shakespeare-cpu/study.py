@@ -174,15 +174,19 @@ def layout_flags(bases: int, first: float, cycle: float, budget: float) -> list[
             "--cycle-epochs", fmt(cycle)]
 
 
+def alloc_name(budget: float, bases: int, first: float, cycle: float) -> str:
+    return f"alloc-e{fmt(budget)}-p{bases}-f{fmt(first)}-c{fmt(cycle)}"
+
+
 def stage_allocations(a, single: dict) -> dict:
-    jobs = [(f"alloc-e{b}-p{p}-f{fmt(f)}-c{fmt(c)}", layout_flags(p, f, c, b) + ["--seed", "0"])
-            for b, trials in ALLOCATIONS.items() for p, f, c in trials]
-    train_all(a.runs, sorted(jobs, key=lambda j: -int(j[0].split("-e")[1].split("-")[0])), a.workers)
+    jobs = [(alloc_name(b, p, f, c), layout_flags(p, f, c, b) + ["--seed", "0"])
+            for b in sorted(ALLOCATIONS, reverse=True) for p, f, c in ALLOCATIONS[b]]
+    train_all(a.runs, jobs, a.workers)
     out = {}
     for b, trials in ALLOCATIONS.items():
         n = max(1, int(b // best_single_epochs(single)))  # the baseline's member count
-        out[fmt(b)] = [{"bases": p, "first": f, "cycle": c, **q0_result(a.runs / name, n)}
-                       for (p, f, c), (name, _) in zip(trials, [j for j in jobs if j[0].startswith(f"alloc-e{b}-")])]
+        out[fmt(b)] = [{"bases": p, "first": f, "cycle": c, **q0_result(a.runs / alloc_name(b, p, f, c), n)}
+                       for p, f, c in trials]
     return out
 
 
@@ -190,7 +194,7 @@ def q0_run_name(a, epochs: float, seed: int) -> str:
     """An allocation run with the recipe's layout and this seed is the same run (same flags, same
     seed): reuse it rather than train it twice."""
     r = train_q0.recipe(epochs, train_q0.RECIPES["cpu"])
-    alloc = f"alloc-e{fmt(epochs)}-p{r['bases']}-f{fmt(r['first_cycle_epochs'])}-c{fmt(r['cycle_epochs'])}"
+    alloc = alloc_name(epochs, r["bases"], r["first_cycle_epochs"], r["cycle_epochs"])
     if seed == 0 and r["cycles"] > 1 and (a.runs / alloc / "manifest.json").is_file():
         return alloc
     return f"q0-e{fmt(epochs)}-s{seed}"
