@@ -166,9 +166,8 @@ class Recipe:
     cycle_max: float
 
 
-RECIPES = {"slowrun": Recipe(one_base=128, first_max=16, cycle_max=2),
-           "cpu": Recipe(one_base=32, first_max=8, cycle_max=1),
-           "tiny": Recipe(one_base=32, first_max=8, cycle_max=1)}
+CPU_RECIPE = Recipe(one_base=32, first_max=8, cycle_max=1)
+RECIPES = {"slowrun": Recipe(one_base=128, first_max=16, cycle_max=2), "cpu": CPU_RECIPE, "tiny": CPU_RECIPE}
 RECIPE_LAYOUT_FLAGS = ("bases", "cycles", "cycle_epochs", "first_cycle_epochs")
 
 

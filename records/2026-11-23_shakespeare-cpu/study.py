@@ -98,8 +98,8 @@ def fmt(x: float) -> str:
 
 def stage_single(a) -> dict:
     points = sorted(set(a.budgets) | set(SINGLE_EXTRA))
-    jobs = [(f"single-e{fmt(e)}-s{s}", single_flags(e, s)) for e in points for s in a.seeds]
-    train_all(a.runs, sorted(jobs, key=lambda j: -float(j[0].split("-e")[1].split("-")[0])), a.workers)
+    jobs = [(f"single-e{fmt(e)}-s{s}", single_flags(e, s)) for e in reversed(points) for s in a.seeds]
+    train_all(a.runs, jobs, a.workers)  # longest first, so the workers finish together
     out = {}
     for e in points:
         recs = [snapshots(a.runs / f"single-e{fmt(e)}-s{s}")[0] for s in a.seeds]
@@ -202,9 +202,9 @@ def q0_run_name(a, epochs: float, seed: int) -> str:
 
 def stage_q0(a, baseline: dict) -> dict:
     names = {(e, s): q0_run_name(a, e, s) for e in a.budgets for s in a.seeds}
-    jobs = [(names[e, s], ["--epochs", fmt(e), "--seed", str(s)]) for e in a.budgets for s in a.seeds
-            if names[e, s].startswith("q0-")]
-    train_all(a.runs, sorted(jobs, key=lambda j: -float(j[0].split("-e")[1].split("-")[0])), a.workers)
+    jobs = [(names[e, s], ["--epochs", fmt(e), "--seed", str(s)]) for e in sorted(a.budgets, reverse=True)
+            for s in a.seeds if names[e, s].startswith("q0-")]
+    train_all(a.runs, jobs, a.workers)
     out = {}
     for e in a.budgets:
         n = baseline["budgets"][fmt(e)]["members"]
