@@ -65,6 +65,9 @@ PRESETS = {
     ),
 }
 
+# Without --device-batch, the largest device batch up to the preset's (or this) that divides.
+DEVICE_BATCH_CAP = 8
+
 # Flags that do not change the population: a resumed run may change these freely.
 NON_POPULATION_FLAGS = {
     "preset", "run_name", "runs_dir", "device_batch", "eval_batch", "compile", "log_every",
@@ -72,8 +75,15 @@ NON_POPULATION_FLAGS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: one `error: ...` line and exit code 2, no usage block."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), default="slowrun", help="size preset; flags override it")
@@ -97,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.1)
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-seqs", type=int, default=256, help="global batch in sequences (256 x 2048 = 524,288 tokens)")
-    g.add_argument("--device-batch", type=int, default=8, help="sequences per forward pass per process")
+    g.add_argument("--device-batch", type=int, default=None,
+                   help="sequences per forward pass per process (default: the largest, at most the preset's "
+                        f"{DEVICE_BATCH_CAP} (cpu, tiny: 8), that splits every cycle's batch over the processes)")
     g.add_argument("--lr-matrix", type=float, default=0.01, help="Muon peak LR (hidden matrices)")
     g.add_argument("--lr-embed", type=float, default=0.0375, help="AdamW peak LR (token embedding)")
     g.add_argument("--lr-head", type=float, default=0.0005, help="AdamW peak LR (output head)")
@@ -200,8 +212,14 @@ def recipe(epochs: float, rule: Recipe, given: dict | None = None) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     preset = parser.parse_known_args(argv)[0].preset
-    parser.set_defaults(**PRESETS[preset])
+    # The preset's device batch is a cap, applied once the layout is known (choose_device_batch).
+    parser.set_defaults(**{k: v for k, v in PRESETS[preset].items() if k != "device_batch"})
     args = parser.parse_args(argv)
+    errors = range_errors(parser, args, RANGES)
+    if errors:
+        raise UsageError(errors[0])
+    if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
+        raise UsageError(f"--d-model {args.d_model} must split into --n-head {args.n_head} heads of even size")
     if args.epochs < 0:
         raise UsageError(f"--epochs {args.epochs:g}: give a positive epoch budget, or leave it out")
     if args.epochs:
@@ -218,6 +236,76 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2, before any training starts."""
+
+
+# Every flag's meaningful values, checked once right after parsing. Every flag has an entry (a
+# test enumerates the parser): a flag added without one fails the tests.
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """kind "number": finite, within [lo, hi] (an end left out when open), or one of `also`
+    (0 for "all", say); "text", "path", "choice", "switch": argparse or the code checks them."""
+    kind: str = "number"
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()
+
+    def accepts(self, value) -> bool:
+        if self.kind != "number" or value is None or value in self.also:
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def says(self, integer: bool = False) -> str:
+        ends = ([f"{'>' if self.lo_open else '>='} {self.lo:g}"] if self.lo is not None else []) + \
+               ([f"{'<' if self.hi_open else '<='} {self.hi:g}"] if self.hi is not None else [])
+        return ("an integer " if integer else "a finite number ") + " and ".join(ends) \
+            + "".join(f" (or {a:g})" for a in self.also)
+
+
+def at_least(lo, **kw) -> Range:
+    return Range(lo=lo, **kw)
+
+
+TEXT, PATH, CHOICE, SWITCH = Range("text"), Range("path"), Range("choice"), Range("switch")
+UNIT = Range(lo=0, hi=1)  # a fraction, both ends allowed
+
+RANGES = {
+    "preset": CHOICE, "data_dir": PATH, "train_tokens": at_least(0), "val_tokens": at_least(2, also=(0,)),
+    "fitness_tokens": at_least(1),
+    "n_layer": at_least(1), "d_model": at_least(2), "n_head": at_least(1), "mlp_hidden": at_least(1),
+    "seq_len": at_least(1), "short_window": at_least(1), "dropout": Range(lo=0, hi=1, hi_open=True),
+    "batch_seqs": at_least(1), "device_batch": at_least(1), "lr_matrix": at_least(0), "lr_embed": at_least(0),
+    "lr_head": at_least(0), "lr_scalar": at_least(0), "weight_decay": at_least(0),
+    "muon_momentum": Range(lo=0, hi=1, hi_open=True), "muon_row_norm": CHOICE, "grad_clip": at_least(0),
+    "epochs": at_least(0), "bases": at_least(1), "cycles": at_least(1), "cycle_epochs": at_least(0, lo_open=True),
+    "first_cycle_epochs": at_least(0, lo_open=True), "groups": at_least(0), "seed": at_least(0),
+    "lr_floor": Range(lo=0, hi=1, hi_open=True), "wd_floor": UNIT, "snapshot_noise": at_least(0),
+    "batch_schedule": at_least(0, lo_open=True),
+    "distill_from_cycle": at_least(0), "distill_alpha": UNIT, "distill_temperature": at_least(0, lo_open=True),
+    "runs_dir": PATH, "run_name": TEXT, "val_probs": CHOICE, "eval_batch": at_least(1), "log_every": at_least(1),
+    "checkpoint_minutes": at_least(0, lo_open=True), "compile": CHOICE, "wandb_project": TEXT,
+}
+
+
+def range_errors(parser: argparse.ArgumentParser, args: argparse.Namespace, ranges: dict) -> list[str]:
+    """One message per flag whose value is outside its declared range."""
+    out = []
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        rule = ranges[action.dest]  # a KeyError here is a flag without a declared range
+        value = getattr(args, action.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not rule.accepts(v):
+                flag = action.option_strings[0] if action.option_strings else action.dest
+                out.append(f"{flag} {v:g}: expected {rule.says(action.type is int)}")
+                break
+    return out
 
 
 # =============================================================================================
@@ -244,6 +332,16 @@ def _atomic(path, write):
             tmp.unlink()
 
 
+def load_weights(path, device="cpu") -> dict:
+    """torch.load with weights_only: anything but plain tensors (a pickled object, a damaged file)
+    is refused in one line."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, a damaged zip, a missing file: one answer
+        raise UsageError(f"{path} is not a q0 weights file that loads safely ({type(e).__name__}); move it away "
+                         f"and rerun the command that wrote it") from None
+
+
 def atomic_torch_save(obj, path):
     _atomic(path, lambda tmp: torch.save(obj, tmp))
 
@@ -262,26 +360,45 @@ def atomic_save_npy(path, array: np.ndarray):
 # =============================================================================================
 # Data: one shard format, plus the two formats Slowrun and modded-nanogpt users have on disk
 # =============================================================================================
-# .q0t layout (little-endian): a 256-byte header, then num_tokens token ids.
+# data/shards.py writes .q0t (README, "The shard format"); this is the reader. Little-endian:
 #   0 magic b"Q0TOKENS" | 8 u32 version | 12 u32 bytes per token (2 or 4) | 16 u64 num_tokens
 #   24 u32 vocab_size | 28 u32 bos_id | 32 u64 num_docs | 40 u64 text_bytes (UTF-8 bytes of the
-#   documents, for bits per byte) | 48 32s tokenizer name | 80 32s sha256 of the token payload
+#   documents) | 48 32s tokenizer name | 80 32s sha256 of the token payload
+# version 1: the payload follows the 256-byte header.
+# version 2: 112 32s sha256 of the metadata block | 144 u64 payload offset | 152 u32 command
+#   length; at 256 the metadata block: vocab_size x u16 UTF-8 bytes of each token id (BOS 0, what
+#   bits per byte divides by), then the command that rebuilds the file; the payload at the offset.
 # Every document starts with bos_id, so document boundaries are recoverable from tokens alone.
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = b"Q0TOKENS", 1, 256
-_SHARD_STRUCT = struct.Struct("<8sIIQIIQQ32s32s")
+SHARD_MAGIC, SHARD_VERSIONS, SHARD_HEADER_BYTES = b"Q0TOKENS", (1, 2), 256
+_SHARD_STRUCT = struct.Struct("<8sIIQIIQQ32s32s32sQI")
 MODDED_MAGIC, MODDED_VERSION = 20240520, 1
+# The commands that build the default --data-dir of each preset: named when that folder is empty.
+DEFAULT_DATA_COMMANDS = {"data/shakespeare/bytes": "python data/shakespeare.py --tokenizer bytes",
+                         "data/shakespeare/gpt2": "python data/shakespeare.py --tokenizer gpt2",
+                         "data/fineweb": "python data/fineweb.py"}
 
 
 class DataError(UsageError):
     pass
 
 
-def _rebuild_hint(path, tokenizer: str | None = None) -> str:
-    """The command that rebuilds a data file: by its tokenizer when known, else by its folder."""
-    if tokenizer == "bytes" or (tokenizer is None and "shakespeare" in str(path)):
-        return "python data/shakespeare.py --tokenizer " + ("gpt2" if "gpt2" in str(path) else "bytes")
-    return "python data/fineweb.py"
+def _rebuild_hint(path, recorded: str | None = None) -> str:
+    """The command that rebuilds a data file: the one it (or the manifest beside it) records, or,
+    for a folder with neither, the data command that makes such a folder."""
+    if recorded:
+        return recorded
+    folder = Path(path) if Path(path).is_dir() or not Path(path).suffix else Path(path).parent
+    try:
+        return json.loads((folder / "manifest.json").read_text())["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for default, command in DEFAULT_DATA_COMMANDS.items():
+        if folder.resolve() == (REPO_ROOT / default).resolve() or folder == Path(default):
+            return command
+    if Path(path).suffix in (".pt", ".bin"):  # FineWeb in Slowrun's or modded-nanogpt's layout
+        return "python data/fineweb.py"
+    return f"python data/text.py YOUR_TEXT --tokenizer bytes --out {folder}"
 
 
 @dataclasses.dataclass
@@ -293,56 +410,43 @@ class TokenFile:
     text_bytes: int | None  # None: not recorded by the format
     path: str
     format: str
-
-
-def write_shard(path, tokens: np.ndarray, *, vocab_size: int, bos_id: int, tokenizer: str,
-                text_bytes: int) -> dict:
-    """Write a .q0t shard atomically; an existing file is never overwritten."""
-    path = Path(path)
-    if path.exists():
-        raise DataError(f"{path} already exists; delete it first to rebuild it")
-    tokens = np.asarray(tokens)
-    if tokens.size == 0 or tokens[0] != bos_id:
-        raise DataError(f"{path}: token stream must be non-empty and start with the BOS token {bos_id}")
-    if int(tokens.max()) >= vocab_size:
-        raise DataError(f"{path}: token id {int(tokens.max())} outside the vocabulary of {vocab_size}")
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    payload = tokens.astype(dtype).tobytes()
-    digest = hashlib.sha256(payload).digest()
-    num_docs = int((tokens == bos_id).sum())
-    header = _SHARD_STRUCT.pack(SHARD_MAGIC, SHARD_VERSION, np.dtype(dtype).itemsize, tokens.size, vocab_size,
-                                bos_id, num_docs, text_bytes, tokenizer.encode("ascii"), digest)
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(header.ljust(SHARD_HEADER_BYTES, b"\0"))
-            f.write(payload)
-    _atomic(path, write)
-    return dict(path=str(path), num_tokens=int(tokens.size), num_docs=num_docs, vocab_size=vocab_size,
-                bos_id=bos_id, tokenizer=tokenizer, text_bytes=int(text_bytes), sha256=sha256_file(path))
+    token_bytes: np.ndarray | None = None  # UTF-8 bytes of every token id (BOS 0); None: not recorded
+    command: str | None = None             # the command that rebuilds the file, as recorded in it
 
 
 def _read_q0t(path: Path) -> TokenFile:
-    hint = _rebuild_hint(path)
     raw = path.read_bytes()
     if len(raw) < SHARD_HEADER_BYTES:
-        raise DataError(f"{path}: truncated header ({len(raw)} bytes); rebuild it with: {hint}")
-    magic, version, tok_bytes, n, vocab, bos, _docs, text_bytes, tok_name, digest = \
+        raise DataError(f"{path}: truncated header ({len(raw)} bytes); rebuild it with: {_rebuild_hint(path)}")
+    magic, version, tok_bytes, n, vocab, bos, _docs, text_bytes, tok_name, digest, meta_digest, offset, cmd_len = \
         _SHARD_STRUCT.unpack_from(raw)
     if magic != SHARD_MAGIC:
-        raise DataError(f"{path}: not a q0 token shard (bad magic); rebuild it with: {hint}")
-    if version != SHARD_VERSION:
-        raise DataError(f"{path}: shard version {version}, this code reads version {SHARD_VERSION}; "
-                        f"rebuild it with: {hint}")
-    if tok_bytes not in (2, 4) or len(raw) != SHARD_HEADER_BYTES + n * tok_bytes:
+        raise DataError(f"{path}: not a q0 token shard (bad magic); rebuild it with: {_rebuild_hint(path)}")
+    if version not in SHARD_VERSIONS:
+        raise DataError(f"{path}: shard version {version}, this code reads versions 1 and 2; "
+                        f"rebuild it with: {_rebuild_hint(path)}")
+    token_bytes, command = None, None
+    if version == 1:
+        offset = SHARD_HEADER_BYTES
+    else:
+        meta = memoryview(raw)[SHARD_HEADER_BYTES:offset]
+        if offset > len(raw) or 2 * vocab + cmd_len > len(meta) or hashlib.sha256(meta).digest() != meta_digest:
+            raise DataError(f"{path}: metadata do not match the SHA-256 in the header (corrupted or truncated); "
+                            f"rebuild it with: {_rebuild_hint(path)}")
+        token_bytes = np.frombuffer(raw, dtype="<u2", count=vocab, offset=SHARD_HEADER_BYTES).astype(np.int64)
+        command = bytes(meta[2 * vocab:2 * vocab + cmd_len]).decode("utf-8", errors="replace")
+    hint = _rebuild_hint(path, command)
+    if tok_bytes not in (2, 4) or len(raw) != offset + n * tok_bytes:
         raise DataError(f"{path}: size {len(raw)} bytes does not match the header's {n} tokens "
                         f"(truncated?); rebuild it with: {hint}")
     tok_name = tok_name.rstrip(b"\0").decode("ascii", errors="replace")
-    if hashlib.sha256(memoryview(raw)[SHARD_HEADER_BYTES:]).digest() != digest:
-        raise DataError(f"{path}: tokens do not match the SHA-256 in the header (corrupted); "
-                        f"rebuild it with: {_rebuild_hint(path, tok_name)}")
-    tokens = np.frombuffer(raw, dtype=np.uint16 if tok_bytes == 2 else np.uint32, offset=SHARD_HEADER_BYTES)
-    return TokenFile(tokens, vocab, bos, tok_name, text_bytes, str(path), "q0")
+    if hashlib.sha256(memoryview(raw)[offset:]).digest() != digest:
+        raise DataError(f"{path}: tokens do not match the SHA-256 in the header (corrupted); rebuild it with: {hint}")
+    if version == 1 and tok_name == "bytes":  # one byte per id but BOS, by the tokenizer's definition
+        token_bytes = np.ones(vocab, dtype=np.int64)
+        token_bytes[bos] = 0
+    tokens = np.frombuffer(raw, dtype=np.uint16 if tok_bytes == 2 else np.uint32, offset=offset)
+    return TokenFile(tokens, vocab, bos, tok_name, text_bytes, str(path), "q0", token_bytes, command)
 
 
 def _read_modded_bin(path: Path) -> TokenFile:
@@ -380,12 +484,13 @@ def read_tokens(path, expect_vocab: int | None = None) -> TokenFile:
         tf = _read_modded_bin(path)
     else:
         tf = _read_q0t(path)
+    hint = _rebuild_hint(path, tf.command)
     if expect_vocab is not None and tf.vocab_size != expect_vocab:
         raise DataError(f"{path}: vocabulary {tf.vocab_size} does not match the model's {expect_vocab}; "
-                        f"rebuild the data with the model's tokenizer ({_rebuild_hint(path, tf.tokenizer)})")
+                        f"rebuild the data with the model's tokenizer ({hint})")
     if tf.tokens.size < 2 or int(tf.tokens.max()) >= tf.vocab_size:
         raise DataError(f"{path}: token ids outside the vocabulary of {tf.vocab_size}, or fewer than 2 tokens; "
-                        f"rebuild it with: {_rebuild_hint(path, tf.tokenizer)}")
+                        f"rebuild it with: {hint}")
     return tf
 
 
@@ -398,6 +503,9 @@ def find_split(data_dir, split: str) -> list[Path]:
     modded = sorted(d.glob(f"*_{split}_*.bin"))
     if modded:
         return modded
+    if d.is_dir() and any(p.suffix in (".txt", ".md", ".jsonl") for p in d.iterdir()):
+        raise DataError(f"{d} holds text, not token shards; make them with: python data/text.py {d} "
+                        f"--tokenizer bytes --out {d}-q0, then pass --data-dir {d}-q0")
     raise DataError(f"no {split} data in {d} (looked for {split}.q0t, fineweb_{split}.pt, *_{split}_*.bin); "
                     f"build it with: {_rebuild_hint(d)}")
 
@@ -413,20 +521,6 @@ def load_split(data_dir, split: str) -> TokenFile:
     text = None if any(f.text_bytes is None for f in files) else sum(f.text_bytes for f in files)
     return dataclasses.replace(first, tokens=np.concatenate([f.tokens for f in files]), text_bytes=text,
                                path=",".join(f.path for f in files))
-
-
-def token_byte_lengths(tokenizer: str, vocab_size: int) -> np.ndarray | None:
-    """UTF-8 bytes of each token id (BOS counts 0): what bits per byte divides by."""
-    if tokenizer == "bytes":
-        lengths = np.ones(vocab_size, dtype=np.int64)
-        lengths[0] = 0
-        return lengths
-    try:
-        sys.path.insert(0, str(REPO_ROOT))
-        from data.tokenizers import get_tokenizer
-        return get_tokenizer(tokenizer).token_byte_lengths()
-    except Exception:  # noqa: BLE001 - bits per byte is then reported as unavailable, never guessed
-        return None
 
 
 def doc_starts(tokens: np.ndarray, bos_id: int) -> np.ndarray:
@@ -734,7 +828,7 @@ def plan_cycles(args, train_tokens: int) -> list[Cycle]:
     for c in range(1, args.cycles + 1):
         epochs = args.first_cycle_epochs if c == 1 else args.cycle_epochs
         middle = args.cycles >= 4 and args.cycles / 4 <= c - 1 < 3 * args.cycles / 4
-        batch = args.batch_seqs if middle or args.cycles < 4 else round(args.batch_seqs * args.batch_schedule)
+        batch = args.batch_seqs if middle or args.cycles < 4 else max(1, round(args.batch_seqs * args.batch_schedule))
         steps = round(epochs * train_tokens / (batch * args.seq_len))
         if steps < 1:
             raise UsageError(f"cycle {c} ({epochs} epochs of {train_tokens} tokens) is shorter than one step of "
@@ -855,6 +949,7 @@ class RunData:
     tokenizer: str
     val_bytes: int | None
     describe: dict
+    token_bytes: np.ndarray | None = None  # UTF-8 bytes of every token id (BOS 0), from the data files
 
 
 def load_data(args) -> RunData:
@@ -863,19 +958,26 @@ def load_data(args) -> RunData:
             (val_file.vocab_size, val_file.tokenizer, val_file.bos_id):
         raise DataError(f"{train_file.path} ({train_file.tokenizer}, vocabulary {train_file.vocab_size}) and "
                         f"{val_file.path} ({val_file.tokenizer}, vocabulary {val_file.vocab_size}) do not match; "
-                        f"rebuild both with: {_rebuild_hint(args.data_dir, train_file.tokenizer)}")
+                        f"rebuild both with: {_rebuild_hint(args.data_dir, train_file.command)}")
+    token_bytes = val_file.token_bytes
+    if train_file.token_bytes is not None and token_bytes is not None \
+            and not np.array_equal(train_file.token_bytes, token_bytes):
+        raise DataError(f"{train_file.path} and {val_file.path} record different token byte lengths; "
+                        f"rebuild both with: {_rebuild_hint(args.data_dir, train_file.command)}")
     fitness, train = carve_fitness(train_file.tokens, train_file.bos_id, args.fitness_tokens)
     if args.train_tokens:
         if args.train_tokens > train.size:
             raise UsageError(f"--train-tokens {args.train_tokens} exceeds the {train.size} training tokens left "
                              f"after the fitness carve")
         train = train[:args.train_tokens]
+    if args.val_tokens > val_file.tokens.size:
+        raise UsageError(f"--val-tokens {args.val_tokens} exceeds the {val_file.tokens.size} validation tokens in "
+                         f"{val_file.path}; lower it, or 0 for all")
     val = val_file.tokens[:args.val_tokens] if args.val_tokens else val_file.tokens
     if train.size < (args.seq_len + 1):
         raise UsageError(f"only {train.size} training tokens, fewer than one sequence of {args.seq_len + 1}")
-    lengths = token_byte_lengths(val_file.tokenizer, val_file.vocab_size)
-    if lengths is not None:
-        val_bytes = int(lengths[val[1:].astype(np.int64)].sum())
+    if token_bytes is not None:
+        val_bytes = int(token_bytes[val[1:].astype(np.int64)].sum())
     else:
         val_bytes = val_file.text_bytes if (val_file.text_bytes is not None and val.size == val_file.tokens.size) \
             else None
@@ -887,7 +989,7 @@ def load_data(args) -> RunData:
                 "targets": int(val.size - 1), "text_bytes": val_bytes, "sha256": tokens_sha256(val)},
     }
     return RunData(np.ascontiguousarray(train), np.ascontiguousarray(fitness), np.ascontiguousarray(val),
-                   train_file.vocab_size, train_file.bos_id, train_file.tokenizer, val_bytes, describe)
+                   train_file.vocab_size, train_file.bos_id, train_file.tokenizer, val_bytes, describe, token_bytes)
 
 
 # =============================================================================================
@@ -925,7 +1027,7 @@ def load_snapshot_model(run_dir, record: dict, device="cpu", check_sha=True) -> 
     if check_sha and sha256_file(path) != record["weights_sha256"]:
         raise UsageError(f"{path} does not match the SHA-256 in its record: the file changed since it was written")
     model = GPT(GPTConfig(**run["model"]))
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_weights(path))
     return model.to(device).eval()
 
 
@@ -1073,18 +1175,34 @@ class Layout:
     bases: list[int]
 
 
+def choose_device_batch(args, size: int, cycles: list[Cycle]) -> int:
+    """--device-batch, checked; without it the largest, up to the preset's, that splits every cycle's
+    batch over the group's processes (a placement choice: the global batch is the same)."""
+    batches = sorted({c.batch_seqs for c in cycles})
+    uneven = [b for b in batches if b % size]
+    if uneven:
+        raise UsageError(f"a batch of {uneven[0]} sequences does not split over {size} processes; choose a "
+                         f"--batch-seqs whose batches ({', '.join(map(str, batches))}) divide by {size}, or another "
+                         f"process count")
+    per_process = math.gcd(*(b // size for b in batches))
+    if args.device_batch is not None:
+        if per_process % args.device_batch:
+            failing = next(b for b in batches if (b // size) % args.device_batch)
+            raise UsageError(f"a batch of {failing} sequences does not split over {size} processes x "
+                             f"--device-batch {args.device_batch}; choose a --device-batch that divides "
+                             f"{per_process}, or leave it out")
+        return args.device_batch
+    cap = PRESETS[args.preset].get("device_batch", DEVICE_BATCH_CAP)
+    return max(d for d in range(1, min(cap, per_process) + 1) if per_process % d == 0)
+
+
 def make_layout(args, world: int, rank: int, cycles: list[Cycle]) -> Layout:
     groups = args.groups or math.gcd(args.bases, world)
     if world % groups or args.bases % groups:
         raise UsageError(f"{args.bases} bases cannot be placed evenly on {groups} groups of a world of {world} "
                          f"processes: --groups must divide both the world size and --bases")
     size = world // groups
-    per_step = size * args.device_batch
-    for batch in sorted({c.batch_seqs for c in cycles}):
-        if batch % per_step:
-            raise UsageError(f"a batch of {batch} sequences does not split over {size} processes x --device-batch "
-                             f"{args.device_batch}; choose a --device-batch that divides {batch // math.gcd(batch, size)}"
-                             f" or another process count")
+    args.device_batch = choose_device_batch(args, size, cycles)  # resolved here, once: it needs the layout
     index = rank // size
     group = None
     for g in range(groups):  # every rank must take part in creating every group
@@ -1122,6 +1240,20 @@ def model_from_state(cfg: GPTConfig, state: dict, device) -> GPT:
     return model.to(device).eval()
 
 
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds + 0.5), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def check_finite(loss: torch.Tensor, base: int, cycle: int, step: int):
+    """Stop a diverged run before it writes a snapshot or checkpoint (called where the loss is read
+    anyway, so it adds no host sync). Every rank of a group sees the same all-reduced loss."""
+    if not torch.isfinite(loss):
+        raise UsageError(f"the training loss is {loss.item()} at step {step} (base {base}, cycle {cycle}); nothing "
+                         f"of this cycle was saved: lower the learning rates (--lr-*) or check the data and flags")
+
+
 class BaseTrainer:
     def __init__(self, args, base: int, layout: Layout, data: RunData, cfg: GPTConfig, cycles: list[Cycle],
                  run_dir: Path, log: RunLog, device: torch.device):
@@ -1143,6 +1275,7 @@ class BaseTrainer:
         self.teacher: GPT | None = None
         self.step, self.cycles_done = 0, 0
         self.tracker = PopulationTracker(run_dir)
+        self.scoring_seconds: list[float] = []  # per snapshot, for the ETA
         log.line(f"[b{base}] {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                  f"{sum(c.steps for c in cycles)} steps")
 
@@ -1157,7 +1290,7 @@ class BaseTrainer:
     def resume(self):
         if not self.checkpoint_path.exists():
             return
-        ckpt = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        ckpt = load_weights(self.checkpoint_path, self.device)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step, self.cycles_done = ckpt["step"], ckpt["cycles_done"]
@@ -1172,7 +1305,7 @@ class BaseTrainer:
     def load_teacher(self, cycle: int):
         """The previous snapshot of this base, exactly as saved (before any noise)."""
         record = json.loads((self.run_dir / "snapshots" / f"{snapshot_id(self.base, cycle)}.json").read_text())
-        state = torch.load(self.run_dir / record["weights"], map_location="cpu", weights_only=True)
+        state = load_weights(self.run_dir / record["weights"])
         self.teacher = model_from_state(self.cfg, state, self.device)
 
     # --- one optimiser step ------------------------------------------------------------------
@@ -1215,8 +1348,12 @@ class BaseTrainer:
         snap_dir = self.run_dir / "snapshots"
         state = snapshot_state(self.model, self.device)
         snap = model_from_state(self.cfg, state, self.device)  # evaluate, and later teach, what was saved
+        self.log.line(f"[b{self.base}] scoring {sid} on {self.data.fitness.size - 1:,} fitness and "
+                      f"{self.data.val.size - 1:,} validation targets")
+        t0 = time.perf_counter()
         fitness = token_probs(snap, self.data.fitness, args.seq_len, args.eval_batch, self.device, self.layout.group)
         val = token_probs(snap, self.data.val, args.seq_len, args.eval_batch, self.device, self.layout.group)
+        self.scoring_seconds.append(time.perf_counter() - t0)
         self.teacher = snap
         base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / len(self.stream)
         val_loss = mean_nll(val)
@@ -1237,7 +1374,7 @@ class BaseTrainer:
             pop = self.tracker.update()
             self.log.line(f"[b{self.base}] snapshot {sid} | step {self.step} | base epochs {base_epochs:.2f} | "
                           f"val {val_loss:.4f} nats" + (f" {bpb:.4f} bpb" if bpb else "")
-                          + f" | fitness {record['fitness_loss']:.4f}")
+                          + f" | fitness {record['fitness_loss']:.4f} | scored in {self.scoring_seconds[-1]:.1f}s")
             uniform = f"{pop['uniform_val_loss']:.4f}" if pop["uniform_val_loss"] is not None else "n/a"
             self.log.line(f"[b{self.base}] population: {pop['snapshots']} snapshots | epochs spent "
                           f"{pop['epochs_spent']:.2f} | best single {pop['best_single_val_loss']:.4f} "
@@ -1246,6 +1383,18 @@ class BaseTrainer:
             self.log.event("snapshot", **record)
             self.log.event("population", base=self.base, after=sid, **pop)
 
+    def eta_seconds(self, seconds_per_step: float, tokens_per_s: float) -> float:
+        """Time left for this process: the rest of this base and the bases after it in its group,
+        steps at the measured pace, snapshots at the measured scoring time (before the first, at
+        an estimated 3x the training throughput, forward passes being about a third of a step)."""
+        per_base = self.cycles[-1].first_step + self.cycles[-1].steps
+        later = len(self.layout.bases) - 1 - self.layout.bases.index(self.base)
+        steps_left = per_base - self.step + later * per_base
+        scores_left = len(self.cycles) - self.cycles_done + later * len(self.cycles)
+        targets = self.data.fitness.size + self.data.val.size
+        per_score = np.mean(self.scoring_seconds) if self.scoring_seconds else targets / (3 * tokens_per_s)
+        return steps_left * seconds_per_step + scores_left * per_score
+
     # --- the whole trajectory ----------------------------------------------------------------
     def run(self):
         args, total_steps = self.args, self.cycles[-1].first_step + self.cycles[-1].steps
@@ -1253,8 +1402,8 @@ class BaseTrainer:
         if self.step >= total_steps:
             self.log.line(f"[b{self.base}] already complete")
             return
-        self.last_checkpoint = time.time()
-        tokens_done, train_seconds = 0, 0.0  # training steps only: evaluation is not in tokens/s
+        self.last_checkpoint = started = time.time()
+        tokens_done, train_seconds, first_step = 0, 0.0, self.step  # train_seconds: steps only, not scoring
         for cycle in self.cycles[self.cycles_done:]:
             distill = 0 < args.distill_from_cycle <= cycle.index and cycle.index > 1
             if distill and self.teacher is None:
@@ -1270,16 +1419,19 @@ class BaseTrainer:
                     if self.layout.group is not None:
                         dist.all_reduce(loss, group=self.layout.group)
                         loss /= self.layout.group_size
+                    check_finite(loss, self.base, cycle.index, self.step)
                     rate = tokens_done / train_seconds
                     epoch = (cycle.first_pos + (i + 1) * cycle.batch_seqs * args.seq_len) / len(self.stream)
                     g = self.optimizer.param_groups[0]
                     self.log.line(f"[b{self.base}] cycle {cycle.index}/{len(self.cycles)} step {self.step}/"
                                   f"{total_steps} | loss {loss.item():.4f}" + (" (distill)" if distill else "")
                                   + f" | lr x{g['lr'] / g['peak_lr']:.3f} wd x{g['weight_decay'] / max(g['peak_wd'], 1e-12):.3f}"
-                                  f" | epoch {epoch:.2f} | {rate:,.0f} tok/s")
+                                  f" | epoch {epoch:.2f} | {rate:,.0f} tok/s | {clock(time.time() - started)} "
+                                  f"elapsed, ETA {clock(self.eta_seconds(train_seconds / (self.step - first_step), rate))}")
                     self.log.event("step", base=self.base, cycle=cycle.index, step=self.step, loss=loss.item(),
                                    epoch=epoch, tokens_per_s=rate, distill=distill)
                 if i < cycle.steps - 1 and time.time() - self.last_checkpoint > args.checkpoint_minutes * 60:
+                    check_finite(loss, self.base, cycle.index, self.step)  # never checkpoint NaN weights
                     self.save_checkpoint()
             self.snapshot(cycle)
             start, end = args.snapshot_noise
@@ -1321,8 +1473,6 @@ def main(argv=None) -> int:
         cfg = GPTConfig(vocab_size=data.vocab_size, n_layer=args.n_layer, d_model=args.d_model,
                         n_head=args.n_head, mlp_hidden=args.mlp_hidden, seq_len=args.seq_len,
                         short_window=args.short_window, dropout=args.dropout)
-        if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
-            raise UsageError(f"--d-model {args.d_model} must split into --n-head {args.n_head} heads of even size")
         cycles = plan_cycles(args, data.train.size)
         layout = make_layout(args, world, rank, cycles)
         run_dir = Path(args.runs_dir) / args.run_name
@@ -1333,6 +1483,10 @@ def main(argv=None) -> int:
     except UsageError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
+        ok = [False]
+    except OSError as e:  # a read-only --runs-dir, a full disk
+        if rank == 0:
+            print(f"error: cannot write {e.filename} ({e.strerror}); choose another --runs-dir", file=sys.stderr)
         ok = [False]
     if world > 1:  # every rank learns whether rank 0 accepted the run before anything starts
         dist.broadcast_object_list(ok, src=0)
@@ -1362,8 +1516,14 @@ def main(argv=None) -> int:
                  f"{layout.group_size} process(es) on {device.type}")
     if world > 1:
         dist.barrier()
-    for base in layout.bases:
-        BaseTrainer(args, base, layout, data, cfg, cycles, run_dir, log, device).run()
+    try:
+        for base in layout.bases:
+            BaseTrainer(args, base, layout, data, cfg, cycles, run_dir, log, device).run()
+    except UsageError as e:  # a diverged loss, an unloadable checkpoint: torchrun stops the other ranks
+        if layout.group_rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+            log.line(f"error: {e}", echo=False)
+        return 2
     if world > 1:
         dist.barrier()
     if rank == 0:

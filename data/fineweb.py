@@ -15,8 +15,8 @@ Sources (both give the same stream; pick with --source):
                 About 400 MB to download and nothing to tokenise.
   parquet       HuggingFaceFW/fineweb sample/10BT/*.parquet, tokenised here on all cores.
 Downloads go through huggingface_hub (its cache, resumable; HF_TOKEN is used when set) and are
-retried with backoff. Writes <out>/val.q0t, <out>/train.q0t and <out>/fineweb.json (settings and
-SHA-256 of both shards). A rerun verifies the shards against fineweb.json and never overwrites them.
+retried with backoff. Writes <out>/val.q0t, <out>/train.q0t and <out>/manifest.json (the command,
+settings and SHA-256 of both shards). A rerun verifies the shards against it and never overwrites them.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import importlib.util
 import json
 import multiprocessing
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,16 +35,19 @@ import numpy as np
 from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+if __package__ in (None, ""):  # run as `python data/fineweb.py`: make `data` importable
+    sys.path.insert(0, str(REPO_ROOT))
+from data.shards import (CHOICE, MANIFEST, PATH, TEXT, ArgumentParser, DataError, at_least,  # noqa: E402
+                         parse_checked, sha256_file, write_shard)
 from data.tokenizers import TokenizerUnavailable, get_tokenizer  # noqa: E402
-from train_q0 import DataError, read_tokens, sha256_file, write_shard  # noqa: E402
 
 SOURCES = {
     "pretokenized": dict(repo="kjj0/fineweb10B-gpt2", revision="889765ea1f903759787add96995d81171b632d0c"),
     "parquet": dict(repo="HuggingFaceFW/fineweb", revision="9bb295ddab0e05d785b879661af7260fed5140fc"),
 }
 DEFAULT_OUT = REPO_ROOT / "data" / "fineweb"
-SIDECAR = "fineweb.json"
+SIDECAR = MANIFEST
+MODDED_MAGIC, MODDED_VERSION = 20240520, 1
 DOWNLOAD_ATTEMPTS = 4  # each also retried inside huggingface_hub, for about 20 s
 
 
@@ -109,11 +113,23 @@ def stream_files(fetch, source: str):
 
 # --- Documents: each a uint16 array that starts with BOS, in stream order ----------------------------
 
+def read_modded_bin(path: Path) -> np.ndarray:
+    """modded-nanogpt's shard: 256 int32 (magic, version, token count, ...), then uint16 tokens."""
+    header = np.fromfile(path, dtype="<i4", count=256)
+    tokens = np.fromfile(path, dtype="<u2", offset=256 * 4) if header.size == 256 else np.zeros(0, "<u2")
+    if header.size < 256 or header[0] != MODDED_MAGIC or header[1] != MODDED_VERSION or tokens.size != header[2]:
+        raise DataError(f"{path}: not a whole modded-nanogpt shard (bad header, or truncated); delete it from "
+                        "the huggingface cache and rerun")
+    if tokens.size and int(tokens.max()) >= 50257:
+        raise DataError(f"{path}: token ids outside GPT-2's vocabulary; delete it from the huggingface cache and rerun")
+    return tokens
+
+
 def documents_from_token_files(paths, bos_id: int):
     """Cut pre-tokenised files at BOS; a document may continue from one file into the next."""
     carry = np.zeros(0, dtype=np.uint16)
     for path in paths:
-        stream = np.concatenate([carry, read_tokens(path, expect_vocab=50257).tokens])
+        stream = np.concatenate([carry, read_modded_bin(path)])
         starts = np.flatnonzero(stream == bos_id)
         if starts.size == 0 or starts[0] != 0:
             raise DataError(f"{path}: the token stream does not start with <|endoftext|> where a document "
@@ -177,7 +193,7 @@ def verify_existing(out: Path, settings: dict) -> dict | None:
     return recorded
 
 
-def build(out: Path, settings: dict, fetch, workers: int) -> dict:
+def build(out: Path, settings: dict, fetch, workers: int, command: str) -> dict:
     """Write val.q0t and train.q0t from one pass over the stream, then the sidecar (last, atomically)."""
     tokenizer = get_tokenizer("gpt2")
     paths = stream_files(fetch, settings["source"])
@@ -190,37 +206,48 @@ def build(out: Path, settings: dict, fetch, workers: int) -> dict:
     with contextlib.closing(documents):
         for split in ("val", "train"):
             tokens = take_tokens(documents, settings[f"{split}_tokens"], split)
-            # Exact UTF-8 bytes (GPT-2 BPE is byte level), counted per token so a cut document counts
-            # only the part kept; a histogram avoids a 100M-element int64 temporary.
-            text_bytes = int(np.bincount(tokens, minlength=tokenizer.vocab_size) @ byte_lengths)
-            shard = write_shard(out / f"{split}.q0t", tokens, vocab_size=tokenizer.vocab_size,
-                                bos_id=tokenizer.bos_id, tokenizer=tokenizer.name, text_bytes=text_bytes)
-            files[f"{split}.q0t"] = dict(bytes=(out / f"{split}.q0t").stat().st_size, tokens=shard["num_tokens"],
-                                         docs=shard["num_docs"], text_bytes=text_bytes, sha256=shard["sha256"])
-    recorded = dict(settings=settings, files=files)
+            # The shard carries every token's UTF-8 bytes (GPT-2 BPE is byte level), so a document cut
+            # at the split counts only the part kept.
+            files[f"{split}.q0t"] = write_shard(out / f"{split}.q0t", tokens, vocab_size=tokenizer.vocab_size,
+                                                bos_id=tokenizer.bos_id, tokenizer=tokenizer.name,
+                                                token_bytes=byte_lengths, command=command)
+    recorded = dict(command=command, settings=settings, files=files)
     tmp = out / f".{SIDECAR}.tmp"
     tmp.write_text(json.dumps(recorded, indent=2) + "\n")
     tmp.replace(out / SIDECAR)
     return recorded
 
 
-def positive_int(text: str) -> int:
-    value = int(text)  # accepts 10_000_000
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, got {text}")
-    return value
+RANGES = {"source": CHOICE, "val_tokens": at_least(1), "train_tokens": at_least(1), "revision": TEXT,
+          "local_dir": PATH, "out": PATH, "workers": at_least(1)}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", choices=sorted(SOURCES), default="pretokenized")
-    parser.add_argument("--val-tokens", type=positive_int, default=10_000_000)
-    parser.add_argument("--train-tokens", type=positive_int, default=100_000_000)
+    parser.add_argument("--val-tokens", type=int, default=10_000_000)  # int() accepts 10_000_000
+    parser.add_argument("--train-tokens", type=int, default=100_000_000)
     parser.add_argument("--revision", help="hub commit to read (default: the pinned one for --source)")
     parser.add_argument("--local-dir", type=Path, help="read a local folder laid out like the hub repository")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
-    parser.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="tokeniser processes")
-    args = parser.parse_args(argv)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokeniser processes")
+    return parser
+
+
+def canonical_command(args) -> str:
+    words = ["python", "data/fineweb.py"]
+    for flag, value, default in (("--source", args.source, "pretokenized"), ("--val-tokens", args.val_tokens, 10_000_000),
+                                 ("--train-tokens", args.train_tokens, 100_000_000), ("--revision", args.revision, None),
+                                 ("--local-dir", args.local_dir, None)):
+        if value != default:
+            words += [flag, str(value)]
+    if Path(args.out).resolve() != DEFAULT_OUT:
+        words += ["--out", str(args.out)]
+    return shlex.join(words)
+
+
+def main(argv=None):
+    args = parse_checked(build_parser(), RANGES, argv)
 
     source = SOURCES[args.source]
     origin = (f"folder {args.local_dir.resolve()}" if args.local_dir
@@ -236,9 +263,12 @@ def main(argv=None):
         if recorded is None:
             fetch = (folder_fetcher(args.local_dir) if args.local_dir
                      else hub_fetcher(source["repo"], args.revision or source["revision"]))
-            recorded, verb = build(args.out, settings, fetch, args.workers), "built"
+            recorded, verb = build(args.out, settings, fetch, args.workers, canonical_command(args)), "built"
     except (DataError, TokenizerUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a read-only --out, a full disk
+        print(f"error: {e.strerror or e}: {e.filename}; check the path and its permissions", file=sys.stderr)
         sys.exit(2)
     for name, info in recorded["files"].items():
         print(f"{args.out / name}: {info['bytes']:,} bytes, {info['tokens']:,} tokens, {info['docs']:,} documents, "

