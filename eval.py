@@ -22,6 +22,8 @@ import json
 import math
 import os
 import resource
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +48,17 @@ def load_prior(path: Path, members, ks):
     """prior.json's budgets as dense weight vectors over `members`, checked against the disk."""
     if not path.is_file():
         die(f"{path}: no such prior; fit one with `python fit_prior.py RUN_DIR`")
-    prior = json.loads(path.read_text())
-    if prior.get("format") != "q0-prior":
-        die(f"{path} is not a q0 prior (fit one with `python fit_prior.py RUN_DIR`)")
+    try:
+        prior = json.loads(path.read_text())
+        if prior.get("format") != "q0-prior":
+            die(f"{path} is not a q0 prior (fit one with `python fit_prior.py RUN_DIR`)")
+        return _prior_weightings(path, prior, members, ks)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # cut short, or keys missing
+        die(f"{path} is not a whole q0 prior ({type(e).__name__}: {e}); fit it again with "
+            f"`python fit_prior.py RUN_DIR --out NEW.json`")
+
+
+def _prior_weightings(path: Path, prior: dict, members, ks):
     if prior["fitness"]["sha256"] != members[0].run["fitness"]["sha256"]:
         die(f"{path} was fitted on a different fitness set than these runs; refit with fit_prior.py")
     where = {(m.run_dir.resolve(), m.record["id"]): i for i, m in enumerate(members)}
@@ -164,11 +174,16 @@ def score_forward(members, W: torch.Tensor, need: np.ndarray, device, batch_size
     tokens = train_q0.load_val_tokens(run)
     acc = torch.zeros((len(W), run["val"]["targets"]), dtype=torch.float64)
     member_sums = torch.zeros(len(members), dtype=torch.float64)
-    for i in np.flatnonzero(need)[rank::world]:
+    mine, started = np.flatnonzero(need)[rank::world], time.time()
+    for j, i in enumerate(mine):
         m = members[i]
         model = train_q0.load_snapshot_model(m.run_dir, m.record, device)
         p = train_q0.token_probs(model, tokens, run["seq_len"], batch_size, device)
         del model
+        if rank == 0:  # progress on stderr: stdout is the result
+            spent = time.time() - started
+            print(f"scored {m.name} ({j + 1}/{len(mine)} on this process) | {train_q0.clock(spent)} elapsed, "
+                  f"ETA {train_q0.clock(spent / (j + 1) * (len(mine) - j - 1))}", file=sys.stderr, flush=True)
         p = torch.from_numpy(np.maximum(p, PROB_FLOOR)).double()
         member_sums[i] = -p.log().sum()
         for j in torch.nonzero(W[:, i]).flatten().tolist():
@@ -251,8 +266,13 @@ def plot(res: dict, path: Path):
         tmp.unlink()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+RANGES = {"runs": train_q0.PATH, "prior": train_q0.PATH, "budgets": train_q0.TEXT, "parts": train_q0.TEXT,
+          "curve_points": train_q0.at_least(2), "forward": train_q0.SWITCH, "device": train_q0.TEXT,
+          "batch_size": train_q0.at_least(1), "out": train_q0.PATH, "plot": train_q0.SWITCH}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = train_q0.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories (a population may span several)")
     ap.add_argument("--prior", help="prior.json from fit_prior.py: score its budgets")
     ap.add_argument("--budgets", help="only these budgets K of the prior, comma-separated")
@@ -263,7 +283,17 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=16, help="windows per forward batch (--forward)")
     ap.add_argument("--out", help="results JSON (default <first run>/eval[-forward].json; .md beside it); never overwritten")
     ap.add_argument("--plot", action="store_true", help="also write a PNG beside --out (needs matplotlib)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = fit_prior.parse_checked(build_parser(), RANGES, argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        die(f"--device {args.device}: not a torch device; give cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {args.device}: CUDA is not available here; give --device cpu")
 
     parts = set(args.parts.split(","))
     if not parts <= set(PARTS):
@@ -342,10 +372,13 @@ def main(argv=None):
     res["curve"] = list(curve.values())
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     md = markdown(res)
-    fit_prior.write_new(out, json.dumps(res, indent=1) + "\n")
-    fit_prior.write_new(out.with_suffix(".md"), md + "\n")
-    if args.plot:
-        plot(res, out.with_suffix(".png"))
+    try:
+        fit_prior.write_new(out, json.dumps(res, indent=1) + "\n")
+        fit_prior.write_new(out.with_suffix(".md"), md + "\n")
+        if args.plot:
+            plot(res, out.with_suffix(".png"))
+    except OSError as e:  # a read-only run folder, a full disk
+        die(f"cannot write {e.filename or out} ({e.strerror}); choose a writable path with --out")
     print(md)
     print(f"wrote {', '.join(map(str, outputs))} (peak RSS {res['peak_rss_mib']:.0f} MiB, rank 0)")
 

@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +42,9 @@ CHUNK_ELEMS = 1 << 24  # float64 verification passes convert this many fp32 entr
 
 
 def die(msg: str):
-    raise SystemExit(f"error: {msg}")
+    """Bad input: one `error:` line on stderr, exit code 2 (the convention of train_q0.UsageError)."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +100,11 @@ def read_cache(m: Member, kind: str) -> np.ndarray:
     raw = path.read_bytes()  # hash exactly the bytes we parse
     if hashlib.sha256(raw).hexdigest() != m.record[f"{kind}_probs_sha256"]:
         die(f"{path}: SHA-256 differs from its snapshot record; the cache changed after it was written")
-    a = np.load(io.BytesIO(raw), allow_pickle=False)
+    try:
+        a = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError as e:  # a pickled object in place of the cache (refused), or not .npy at all
+        die(f"{path}: not a plain .npy probability cache ({e.__class__.__name__}); move it away and retrain "
+            f"or rescore snapshot {m.name}")
     n = m.run[kind]["targets"]
     if a.dtype != np.float16 or a.shape != (n,):
         die(f"{path}: expected float16[{n}], found {a.dtype}{list(a.shape)}")
@@ -439,27 +446,52 @@ def table(prior: dict, members) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+RANGES = {"runs": train_q0.PATH, "out": train_q0.PATH, "budgets": train_q0.TEXT, "solver": train_q0.CHOICE}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = train_q0.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories (a population may span several)")
     ap.add_argument("--out", help="prior file to write (default: <first run>/prior.json); never overwritten")
     ap.add_argument("--budgets", help="inference budgets K, comma-separated (default 1,2,4,... and M)")
     ap.add_argument("--solver", choices=["newton", "em", "adamw"], default="newton",
                     help="newton: active-set Newton, certified (default); em: SQUAREM-accelerated EM, "
                          "certified, slower; adamw: the public code's 300 AdamW steps, gap reported")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_checked(parser: argparse.ArgumentParser, ranges: dict, argv=None) -> argparse.Namespace:
+    """Parse and check every flag against its range: any bad value is one `error:` line, exit 2."""
+    try:
+        args = parser.parse_args(argv)
+        errors = train_q0.range_errors(parser, args, ranges)
+    except train_q0.UsageError as e:
+        die(str(e))
+    if errors:
+        die(errors[0])
+    return args
+
+
+def main(argv=None):
+    args = parse_checked(build_parser(), RANGES, argv)
 
     out = Path(args.out) if args.out else Path(args.runs[0]) / "prior.json"
     if out.exists():
         die(f"{out} exists and is never overwritten; choose another path with --out")
-    members = load_population(args.runs)
+    try:
+        members = load_population(args.runs)
+    except train_q0.UsageError as e:  # an unreadable run.json or snapshot record
+        die(str(e))
     ks = parse_budgets(args.budgets, len(members))
     P = load_matrix(members, "fitness")
     full = fit(P, args.solver)
     budgets = [budget_fit(P, full.w, k, args.solver, full) for k in ks]
     uniform = mixture_loss(P, np.full(len(P), 1.0 / len(P)))
     prior = build_prior(members, full, budgets, args.solver, out, uniform)
-    write_new(out, json.dumps(prior, indent=1) + "\n")
+    try:
+        write_new(out, json.dumps(prior, indent=1) + "\n")
+    except OSError as e:  # a read-only run folder, a full disk
+        die(f"cannot write {out} ({e.strerror}); choose a writable path with --out")
     print(table(prior, members))
     print(f"wrote {out}")
 

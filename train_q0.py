@@ -1010,12 +1010,20 @@ def load_run(run_dir) -> dict:
     path = Path(run_dir) / "run.json"
     if not path.exists():
         raise UsageError(f"{run_dir} is not a q0 run (no run.json); train one with: python train_q0.py")
-    return json.loads(path.read_text())
+    return read_json(path, "rerun the training command that made it")
+
+
+def read_json(path, fix: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is unreadable or not whole JSON ({type(e).__name__}); {fix}") from None
 
 
 def list_snapshots(run_dir) -> list[dict]:
     """Snapshot records present on disk, in population order (cycle, then base)."""
-    records = [json.loads(p.read_text()) for p in Path(run_dir, "snapshots").glob("b*c*.json")]
+    records = [read_json(p, "move it away (with its snapshot files) and resume the run")
+               for p in Path(run_dir, "snapshots").glob("b*c*.json")]
     return sorted(records, key=lambda r: (r["cycle"], r["base"]))
 
 

@@ -102,6 +102,16 @@ def write_shard(path, tokens: np.ndarray, **fields) -> dict:
 
 # --- the manifest ----------------------------------------------------------------------------
 
+def refuse_other_build(folder: Path, recorded: dict, manifest: dict):
+    """An earlier build in folder must be of the same sources and settings. The command is compared
+    only as far as what it builds: paths typed relative or absolute make the same build."""
+    keys = sorted(k for k in set(recorded) | set(manifest)
+                  if k not in ("files", "command") and recorded.get(k) != manifest.get(k))
+    if keys:
+        raise DataError(f"{folder} holds a different build ({', '.join(keys)} differ); choose another "
+                        f"--out, or move {folder} away and rerun")
+
+
 def check_or_write_manifest(folder: Path, manifest: dict) -> bool:
     """Write folder/manifest.json last (it marks a finished build); if one exists it must say the
     same, and every file it lists must still match its SHA-256. Returns True if it existed."""
@@ -113,11 +123,9 @@ def check_or_write_manifest(folder: Path, manifest: dict) -> bool:
         recorded = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"{path} is not valid JSON; move {folder} away and rerun") from None
-    # The command is how it was typed (paths relative or absolute): the same build either way.
-    keys = sorted(k for k in set(recorded) | set(manifest) if recorded.get(k) != manifest.get(k) and k != "command")
-    if keys:
-        raise DataError(f"{folder} holds a different build ({', '.join(keys)} differ); choose another "
-                        f"--out, or move {folder} away and rerun")
+    refuse_other_build(folder, recorded, manifest)
+    if {k: v for k, v in recorded["files"].items()} != manifest["files"]:
+        raise DataError(f"{path} lists other files than the ones just written; move {folder} away and rerun")
     return True
 
 

@@ -37,7 +37,8 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as `python data/text.py`: make `data` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.shards import (CHOICE, PATH, TEXT, ArgumentParser, DataError, Range, at_least,  # noqa: E402
-                         check_or_write_manifest, parse_checked, recorded_manifest, verify_files, write_shard)
+                         check_or_write_manifest, parse_checked, recorded_manifest, refuse_other_build,
+                         verify_files, write_shard)
 from data.tokenizers import TokenizerUnavailable, get_tokenizer  # noqa: E402
 
 SUFFIXES = (".txt", ".md", ".jsonl")
@@ -204,8 +205,8 @@ def build(sources: list[Source], *, tokenizer_name: str, out: Path, val: dict, c
                     duplicates_of_val_dropped=len(docs) - len(chosen) - len(train),
                     val_documents=[docs[i].name for i in sorted(chosen)], files={})
     recorded = recorded_manifest(out)
-    if recorded is not None and {k: v for k, v in recorded.items() if k not in ("files", "command")} == \
-            {k: v for k, v in manifest.items() if k not in ("files", "command")}:
+    if recorded is not None:  # an earlier build: the same one is verified, another refused
+        refuse_other_build(out, recorded, manifest)
         verify_files(out, recorded)
         return recorded, True
     token_bytes = tokenizer.token_byte_lengths()

@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train_q0  # noqa: E402
+from data.shards import write_shard  # noqa: E402
+
+BYTES_TABLE = np.array([0] + [1] * 255)  # the bytes tokenizer: one UTF-8 byte per id, BOS (0) none
 
 
 def shakespeare_paragraphs(play: str) -> list[str]:
@@ -34,8 +37,8 @@ def documents(paragraphs: list[str], size: int = 1500) -> list[bytes]:
 
 def write_bytes_shard(path: Path, docs: list[bytes]):
     tokens = np.concatenate([np.frombuffer(b"\0" + d, dtype=np.uint8) for d in docs]).astype(np.uint16)
-    return train_q0.write_shard(path, tokens, vocab_size=256, bos_id=0, tokenizer="bytes",
-                                text_bytes=sum(len(d) for d in docs))
+    return write_shard(path, tokens, vocab_size=256, bos_id=0, tokenizer="bytes", token_bytes=BYTES_TABLE,
+                       command="python -m pytest tests  # the small_data fixture of tests/conftest.py")
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import fineweb  # noqa: E402
 from data.tokenizers import get_tokenizer  # noqa: E402
-from train_q0 import DataError, read_tokens, sha256_file  # noqa: E402
+from data.shards import DataError, sha256_file  # noqa: E402
+from train_q0 import read_tokens  # noqa: E402
 
 FILE_TOKENS = 3000  # tokens per pre-tokenised file: small, so documents straddle file boundaries
 WORDS = "the of and to in a is that for it as was with be by on not he I this are or his café naïve 東京 🙂".split()
@@ -75,8 +76,11 @@ def test_validation_cut_on_a_document_boundary(stand_in, tmp_path):
 
 def test_sidecar_and_rerun_verify_without_overwriting(stand_in, tmp_path, capsys):
     build_split(stand_in, tmp_path, 1000, 2000)
-    recorded = json.loads((tmp_path / "fineweb.json").read_text())
+    recorded = json.loads((tmp_path / "manifest.json").read_text())
     assert recorded["settings"]["val_tokens"] == 1000 and recorded["settings"]["source"] == "pretokenized"
+    command = (f"python data/fineweb.py --val-tokens 1000 --train-tokens 2000 --local-dir {stand_in['folder']} "
+               f"--out {tmp_path}")
+    assert recorded["command"] == read_tokens(tmp_path / "val.q0t").command == command  # what rebuilds them
     for name in ("val.q0t", "train.q0t"):
         assert recorded["files"][name]["sha256"] == sha256_file(tmp_path / name)
     mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}

@@ -1,5 +1,7 @@
-"""The token file formats train_q0.py reads: ours (.q0t), Slowrun's .pt and modded-nanogpt's .bin."""
+"""The token file formats: ours (.q0t, written by data/shards.py, read by train_q0.py), Slowrun's
+.pt and modded-nanogpt's .bin (read by train_q0.py)."""
 import hashlib
+import json
 import struct
 import sys
 from pathlib import Path
@@ -9,9 +11,14 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_q0 import DataError, read_tokens, write_shard  # noqa: E402
+from data.shards import DataError as WriteError  # noqa: E402
+from data.shards import encode_shard, write_shard  # noqa: E402
+from train_q0 import DataError, read_tokens  # noqa: E402
 
-GPT2 = dict(vocab_size=50257, bos_id=50256, tokenizer="gpt2")
+GPT2_TABLE = np.random.default_rng(0).integers(1, 20, 50257)
+GPT2_TABLE[50256] = 0
+GPT2 = dict(vocab_size=50257, bos_id=50256, tokenizer="gpt2", token_bytes=GPT2_TABLE,
+            command="python data/text.py corpus --tokenizer gpt2 --out somewhere")
 
 
 def documents_stream(bos_id=50256, vocab_size=50257, docs=20, seed=0) -> np.ndarray:
@@ -25,54 +32,94 @@ def documents_stream(bos_id=50256, vocab_size=50257, docs=20, seed=0) -> np.ndar
     return np.concatenate(pieces)
 
 
+def spec_v2(tokens, vocab, bos, tokenizer, table, command, dtype=np.uint16) -> bytes:
+    """A version 2 file built from README's table alone, independently of data/shards.py."""
+    payload = np.asarray(tokens).astype(dtype).tobytes()
+    meta = np.asarray(table).astype("<u2").tobytes() + command.encode()
+    meta += bytes(-len(meta) % 8)
+    header = (b"Q0TOKENS" + struct.pack("<IIQIIQQ", 2, np.dtype(dtype).itemsize, len(tokens), vocab, bos,
+                                        int((np.asarray(tokens) == bos).sum()), int(np.asarray(table)[tokens].sum()))
+              + tokenizer.encode().ljust(32, b"\0") + hashlib.sha256(payload).digest()
+              + hashlib.sha256(meta).digest() + struct.pack("<QI", 256 + len(meta), len(command.encode())))
+    return header.ljust(256, b"\0") + meta + payload
+
+
 def write_modded_bin(path: Path, tokens: np.ndarray, magic=20240520, version=1, declared=None):
     header = np.zeros(256, dtype=np.int32)
     header[:3] = magic, version, tokens.size if declared is None else declared
     path.write_bytes(header.tobytes() + tokens.astype(np.uint16).tobytes())
 
 
-def assert_one_line_error(path: Path, expected: str, **kwargs):
+def assert_one_line_error(path: Path, expected: str, command="python data/", **kwargs):
     with pytest.raises(DataError) as caught:
         read_tokens(path, **kwargs)
     message = str(caught.value)
-    assert "\n" not in message and str(path) in message and expected in message
-    assert "python data/" in message  # names the command that rebuilds the file
+    assert "\n" not in message and str(path) in message and expected in message, message
+    assert command in message, message  # names the command that rebuilds the file
 
 
-def test_q0t_round_trip_and_header_layout(tmp_path):
+def test_writer_and_reader_agree_on_every_field(tmp_path):
+    """data/shards.py writes, train_q0.py reads: every field comes back, at README's offsets."""
     tokens = documents_stream()
     path = tmp_path / "train.q0t"
-    info = write_shard(path, tokens, text_bytes=1234, **GPT2)
+    info = write_shard(path, tokens, **GPT2)
     raw = path.read_bytes()
-    assert len(raw) == 256 + 2 * tokens.size
-    magic, version, token_bytes, n, vocab, bos, docs, text_bytes = struct.unpack_from("<8sIIQIIQQ", raw)
-    assert (magic, version, token_bytes, n, vocab, bos) == (b"Q0TOKENS", 1, 2, tokens.size, 50257, 50256)
-    assert (docs, text_bytes) == (20, 1234)
-    assert raw[48:80].rstrip(b"\0") == b"gpt2"
-    assert raw[80:112] == hashlib.sha256(tokens.astype(np.uint16).tobytes()).digest()
-    assert raw[112:256] == bytes(144)
-    assert info["sha256"] == hashlib.sha256(raw).hexdigest()
-
+    assert raw == spec_v2(tokens, 50257, 50256, "gpt2", GPT2_TABLE, GPT2["command"])  # the writer is README's
     found = read_tokens(path)
-    assert np.array_equal(found.tokens, tokens)
-    assert (found.format, found.tokenizer, found.vocab_size, found.bos_id, found.text_bytes) == \
-        ("q0", "gpt2", 50257, 50256, 1234)
+    assert np.array_equal(found.tokens, tokens) and np.array_equal(found.token_bytes, GPT2_TABLE)
+    assert (found.format, found.tokenizer, found.vocab_size, found.bos_id, found.command) == \
+        ("q0", "gpt2", 50257, 50256, GPT2["command"])
+    assert found.text_bytes == info["text_bytes"] == GPT2_TABLE[tokens].sum()
+    assert info["sha256"] == hashlib.sha256(raw).hexdigest() and info["docs"] == 20
+    assert info["payload_sha256"] == hashlib.sha256(tokens.astype(np.uint16).tobytes()).hexdigest()
 
 
-def test_q0t_uses_four_byte_tokens_above_65536(tmp_path):
-    tokens = np.array([70000, 5, 69999, 70000, 1])
-    write_shard(tmp_path / "big.q0t", tokens, vocab_size=70001, bos_id=70000, tokenizer="gpt2", text_bytes=3)
-    assert (tmp_path / "big.q0t").stat().st_size == 256 + 4 * tokens.size
+def test_reader_reads_a_file_built_from_the_spec(tmp_path):
+    """The other way: a file built from README's table alone, read by train_q0.py."""
+    tokens, table = documents_stream(bos_id=0, vocab_size=256), np.array([0] + [1] * 255)
+    (tmp_path / "val.q0t").write_bytes(spec_v2(tokens, 256, 0, "bytes", table, "make it ✓"))
+    found = read_tokens(tmp_path / "val.q0t")
+    assert np.array_equal(found.tokens, tokens) and np.array_equal(found.token_bytes, table)
+    assert (found.tokenizer, found.vocab_size, found.bos_id, found.command, found.text_bytes) == \
+        ("bytes", 256, 0, "make it ✓", table[tokens].sum())
+
+
+def test_version_1_shards_still_read(tmp_path):
+    """Version 1 (no metadata block): bytes shards get their table from the tokenizer's definition."""
+    for tokenizer, vocab, bos in (("bytes", 256, 0), ("gpt2", 50257, 50256)):
+        tokens = documents_stream(bos_id=bos, vocab_size=vocab)
+        payload = tokens.astype(np.uint16).tobytes()
+        header = struct.pack("<8sIIQIIQQ32s32s", b"Q0TOKENS", 1, 2, tokens.size, vocab, bos, 20, 99,
+                             tokenizer.encode(), hashlib.sha256(payload).digest())
+        path = tmp_path / f"{tokenizer}.q0t"
+        path.write_bytes(header.ljust(256, b"\0") + payload)
+        found = read_tokens(path)
+        assert np.array_equal(found.tokens, tokens) and found.text_bytes == 99 and found.command is None
+        if tokenizer == "bytes":
+            assert found.token_bytes[0] == 0 and (found.token_bytes[1:] == 1).all()
+        else:
+            assert found.token_bytes is None  # bits per byte only for the whole file, from text_bytes
+
+
+def test_four_byte_tokens_above_65536(tmp_path):
+    tokens, table = np.array([70000, 5, 69999, 70000, 1]), np.ones(70001, dtype=np.int64)
+    table[70000] = 0
+    info = write_shard(tmp_path / "big.q0t", tokens, vocab_size=70001, bos_id=70000, tokenizer="gpt2",
+                       token_bytes=table, command="x")
+    assert info["bytes"] == 256 + (2 * 70001 + 1 + 7) // 8 * 8 + 4 * tokens.size
     assert np.array_equal(read_tokens(tmp_path / "big.q0t").tokens, tokens)
 
 
-def test_write_shard_never_overwrites(tmp_path):
+def test_write_shard_keeps_identical_files_and_never_overwrites(tmp_path):
     path = tmp_path / "val.q0t"
-    write_shard(path, documents_stream(), text_bytes=1, **GPT2)
+    write_shard(path, documents_stream(), **GPT2)
     before = path.read_bytes()
-    with pytest.raises(DataError):
-        write_shard(path, documents_stream(seed=1), text_bytes=1, **GPT2)
+    assert write_shard(path, documents_stream(), **GPT2)["sha256"] == hashlib.sha256(before).hexdigest()
+    with pytest.raises(WriteError, match="differs"):
+        write_shard(path, documents_stream(seed=1), **GPT2)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+    with pytest.raises(WriteError, match="byte-length table"):
+        encode_shard(documents_stream(), **{**GPT2, "token_bytes": np.ones(50257)})  # BOS must count 0
 
 
 def test_reads_slowrun_pt(tmp_path):
@@ -100,48 +147,54 @@ def test_reads_modded_bin(tmp_path):
 @pytest.fixture
 def shard(tmp_path) -> Path:
     path = tmp_path / "val.q0t"
-    write_shard(path, documents_stream(), text_bytes=10, **GPT2)
+    write_shard(path, documents_stream(), **GPT2)
     return path
+
+
+def flip(path: Path, offset: int):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1
+    path.write_bytes(bytes(raw))
 
 
 def test_truncated_payload(shard):
     shard.write_bytes(shard.read_bytes()[:-3])
-    assert_one_line_error(shard, "truncated")
+    assert_one_line_error(shard, "truncated", GPT2["command"])  # the command recorded in the file
 
 
-def test_truncated_header(shard):
-    shard.write_bytes(shard.read_bytes()[:100])
-    assert_one_line_error(shard, "truncated")
+def test_corrupted_payload_and_metadata(shard, tmp_path):
+    flip(shard, -1)  # one flipped bit in the last token
+    assert_one_line_error(shard, "SHA-256", GPT2["command"])
+    flip(shard, -1)
+    flip(shard, 300)  # a byte length
+    assert_one_line_error(shard, "metadata")
 
 
-def test_corrupted_payload(shard):
-    raw = bytearray(shard.read_bytes())
-    raw[-1] ^= 1  # one flipped bit in the last token
-    shard.write_bytes(bytes(raw))
-    assert_one_line_error(shard, "SHA-256")
-
-
-def test_wrong_magic(shard):
+def test_unreadable_header_names_the_manifest_command(shard, tmp_path):
     shard.write_bytes(b"NOTQ0TOK" + shard.read_bytes()[8:])
-    assert_one_line_error(shard, "magic")
+    assert_one_line_error(shard, "magic", "python data/text.py YOUR_TEXT")  # nothing recorded: the generic one
+    (tmp_path / "manifest.json").write_text(json.dumps({"command": "python data/text.py mine --out here"}))
+    assert_one_line_error(shard, "magic", "python data/text.py mine --out here")
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert_one_line_error(shard, "truncated", "python data/text.py mine --out here")
 
 
 def test_wrong_version(shard):
     raw = bytearray(shard.read_bytes())
-    raw[8:12] = struct.pack("<I", 2)
+    raw[8:12] = struct.pack("<I", 3)
     shard.write_bytes(bytes(raw))
     assert_one_line_error(shard, "version")
 
 
 def test_vocab_mismatch(tmp_path):
     path = tmp_path / "val.q0t"
-    write_shard(path, documents_stream(bos_id=0, vocab_size=256), vocab_size=256, bos_id=0,
-                tokenizer="bytes", text_bytes=10)
-    assert_one_line_error(path, "vocabulary", expect_vocab=50257)
+    write_shard(path, documents_stream(bos_id=0, vocab_size=256), vocab_size=256, bos_id=0, tokenizer="bytes",
+                token_bytes=np.array([0] + [1] * 255), command="python data/shakespeare.py --tokenizer bytes")
+    assert_one_line_error(path, "vocabulary", "python data/shakespeare.py --tokenizer bytes", expect_vocab=50257)
 
 
 def test_missing_file(tmp_path):
-    assert_one_line_error(tmp_path / "train.q0t", "not found")
+    assert_one_line_error(tmp_path / "train.q0t", "not found", "python data/text.py")
 
 
 def test_modded_bin_corruptions(tmp_path):

@@ -1,4 +1,6 @@
-"""data/shakespeare.py: the split by play, both tokenisers, reruns that verify and never overwrite."""
+"""data/shakespeare.py (data/text.py on the plays): the split by play, both tokenisers, reruns that
+verify and never overwrite, and the tokens the CPU record was trained on."""
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -8,15 +10,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import shakespeare  # noqa: E402
+from data.shards import DataError  # noqa: E402
 from data.tokenizers import get_tokenizer  # noqa: E402
-from train_q0 import DataError, read_tokens  # noqa: E402
+from train_q0 import read_tokens  # noqa: E402
+
+# SHA-256 of the token payloads of the bytes shards the CPU record trained on (format version 1):
+# the format changed, the tokens must not.
+RECORD_PAYLOADS = {"train.q0t": "d7f0df7568431c7fd4deeb2bde759feb9d8107a4e2185f96cfac5303609a39c1",
+                   "val.q0t": "625a340ef994ffdbc292cecdbc4529623bb56fff27e0c8446d279993402f12ad"}
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Both tokenisers' shards, built once into a temporary folder."""
     out = tmp_path_factory.mktemp("shakespeare")
-    return out, {name: shakespeare.build(name, out) for name in ("bytes", "gpt2")}
+    return out, {name: shakespeare.build(name, out)[0] for name in ("bytes", "gpt2")}
 
 
 def documents(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
@@ -39,22 +47,32 @@ def test_shards_hold_one_play_per_document(built, name):
     manifest, tokenizer, plays = manifests[name], get_tokenizer(name), shakespeare.find_plays()
     for split in ("train", "val"):
         shard = read_tokens(out / name / f"{split}.q0t", expect_vocab=tokenizer.vocab_size)
-        slugs = manifest[f"{split}_plays"]
+        slugs = [s["name"] for s in manifest["sources"] if (s["name"] in manifest["val_documents"]) == (split == "val")]
         texts = [plays[slug].read_text(encoding="utf-8") for slug in slugs]
         docs = documents(shard.tokens, tokenizer.bos_id)
         assert len(docs) == len(slugs) == manifest["files"][f"{split}.q0t"]["docs"]
         assert [tokenizer.decode(d) for d in docs] == texts
         assert shard.text_bytes == sum(len(t.encode("utf-8")) for t in texts)
         assert shard.text_bytes == tokenizer.token_byte_lengths()[shard.tokens].sum()
+        assert np.array_equal(shard.token_bytes, tokenizer.token_byte_lengths())
+        assert shard.command == f"python data/shakespeare.py --tokenizer {name} --out {out}"
         assert manifest["files"][f"{split}.q0t"]["tokens"] == shard.tokens.size
     on_disk = json.loads((out / name / "manifest.json").read_text())
-    assert on_disk == manifest and on_disk["val_plays"] == sorted(shakespeare.VAL_PLAYS)
+    assert on_disk == manifest and on_disk["val_documents"] == sorted(shakespeare.VAL_PLAYS)
+
+
+def test_bytes_tokens_are_the_records(built):
+    out, manifests = built
+    for name, digest in RECORD_PAYLOADS.items():
+        assert manifests["bytes"]["files"][name]["payload_sha256"] == digest
+        tokens = read_tokens(out / "bytes" / name).tokens
+        assert hashlib.sha256(tokens.astype(np.uint16).tobytes()).hexdigest() == digest
 
 
 def test_rerun_verifies_and_never_overwrites(built):
     out, manifests = built
     before = {p: p.stat().st_mtime_ns for p in (out / "bytes").iterdir()}
-    assert shakespeare.build("bytes", out) == manifests["bytes"]
+    assert shakespeare.build("bytes", out) == (manifests["bytes"], True)
     assert before == {p: p.stat().st_mtime_ns for p in (out / "bytes").iterdir()}
 
 
@@ -64,7 +82,7 @@ def test_changed_shard_is_reported_not_replaced(tmp_path):
     raw = bytearray(val.read_bytes())
     raw[-2] ^= 1  # the low byte of the last token: still a valid byte id, but different text
     val.write_bytes(bytes(raw))
-    with pytest.raises(DataError, match="SHA-256"):  # the reader's payload hash catches it first
+    with pytest.raises(DataError, match="SHA-256"):  # the manifest's hash of the file
         shakespeare.build("bytes", tmp_path)
     assert val.read_bytes() == bytes(raw)
 

@@ -1,0 +1,170 @@
+"""data/text.py: a folder of one's own text into shards that train_q0.py trains on, and every bad
+input as one line with nothing written. Also: data/ imports neither torch nor train_q0."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_train, shakespeare_paragraphs
+
+sys.path.insert(0, str(REPO))
+from data import text  # noqa: E402
+from data.tokenizers import get_tokenizer  # noqa: E402
+from train_q0 import read_tokens  # noqa: E402
+
+
+def corpus(folder: Path, docs: int = 30) -> list[str]:
+    """Hamlet's paragraphs as .txt/.md files in nested folders and one .jsonl file; returns the texts
+    in the order the command reads them (sorted paths; the .jsonl records in line order)."""
+    paragraphs = shakespeare_paragraphs("hamlet")
+    texts = ["\n\n".join(paragraphs[4 * i:4 * i + 4]) + "\n" for i in range(docs)]
+    for i, body in enumerate(texts[:docs - 5]):
+        path = folder / ("act1" if i < 10 else "act2") / f"scene{i:02d}.{'md' if i % 3 else 'txt'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body, encoding="utf-8")
+    records = [json.dumps({"text": t, "id": i}) for i, t in enumerate(texts[docs - 5:])]
+    (folder / "zz.jsonl").write_text("\n".join(records[:2]) + "\n\n" + "\n".join(records[2:]) + "\n")
+    (folder / ".hidden.txt").write_text("never read")
+    (folder / "notes.pdf").write_bytes(b"%PDF")
+    return texts
+
+
+def documents(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
+    starts = list(np.flatnonzero(tokens == bos_id)) + [tokens.size]
+    return [tokens[a + 1:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def main(*args) -> None:
+    text.main([str(a) for a in args])
+
+
+def one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def test_data_imports_neither_torch_nor_the_trainer():
+    code = ("import sys; import data.text, data.shakespeare, data.fineweb, data.shards; "
+            "bad = {'torch', 'train_q0'} & set(sys.modules); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+@pytest.mark.parametrize("name", ["bytes", "gpt2"])
+def test_folder_to_shards_whole_documents_deterministic_split(tmp_path, name, capsys):
+    texts = corpus(tmp_path / "src")
+    main(tmp_path / "src", "--tokenizer", name, "--out", tmp_path / "out", "--val-docs", 4)
+    tokenizer = get_tokenizer(name)
+    train, val = (read_tokens(tmp_path / "out" / f"{s}.q0t") for s in ("train", "val"))
+    train_docs = [tokenizer.decode(d) for d in documents(train.tokens, tokenizer.bos_id)]
+    val_docs = [tokenizer.decode(d) for d in documents(val.tokens, tokenizer.bos_id)]
+    assert len(val_docs) == 4 and not set(val_docs) & set(train_docs)
+    assert sorted(train_docs + val_docs) == sorted(texts)
+    assert train_docs == [t for t in texts if t not in val_docs]  # training keeps the reading order
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert len(manifest["sources"]) == 26 and manifest["sources"][-1]["docs"] == 5
+    assert val.command == manifest["command"] == \
+        f"python data/text.py {tmp_path / 'src'} --tokenizer {name} --val-docs 4 --out {tmp_path / 'out'}"
+    assert val.text_bytes == sum(len(t.encode()) for t in val_docs)
+    assert np.array_equal(val.token_bytes, tokenizer.token_byte_lengths())
+    printed = capsys.readouterr().out
+    assert printed.count("sha256") == 2 and "built" in printed and "next: python train_q0.py" in printed
+    # The choice is by content: another order of the same documents gives the same validation set.
+    chosen = text.choose_val([text.Document(str(i), t) for i, t in enumerate(texts)], {"docs": 4})
+    again = text.choose_val([text.Document(str(i), t) for i, t in enumerate(reversed(texts))], {"docs": 4})
+    assert {texts[i] for i in chosen} == {texts[::-1][i] for i in again} == set(val_docs)
+
+
+def test_rerun_verifies_other_settings_are_refused_and_a_crash_completes(tmp_path, capsys):
+    corpus(tmp_path / "src")
+    flags = [tmp_path / "src", "--tokenizer", "bytes", "--out", tmp_path / "out"]
+    main(*flags)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    capsys.readouterr()
+    main(*flags)
+    assert "verified" in capsys.readouterr().out
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(SystemExit) as exit_code:
+        main(*flags, "--val-docs", "2")
+    assert exit_code.value.code == 2
+    one_line_error(capsys, "different build", "settings")
+    (tmp_path / "src" / "act1" / "scene00.txt").write_text("changed")
+    with pytest.raises(SystemExit):
+        main(*flags)
+    one_line_error(capsys, "sources")
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    # a build interrupted before its manifest: the rerun keeps the identical shard and finishes
+    (tmp_path / "src" / "act1" / "scene00.txt").write_text("changed back")
+    main(*flags[:-1], tmp_path / "again")
+    (tmp_path / "again" / "manifest.json").unlink()
+    (tmp_path / "again" / "val.q0t").unlink()
+    main(*flags[:-1], tmp_path / "again")
+    assert (tmp_path / "again" / "manifest.json").exists() and (tmp_path / "again" / "val.q0t").exists()
+
+
+def test_gpt2_on_worker_processes_gives_the_same_tokens(tmp_path, monkeypatch):
+    texts = corpus(tmp_path / "src")
+    tokenizer = get_tokenizer("gpt2")
+    serial = text.tokenize(texts, tokenizer, workers=1, desc="serial")
+    monkeypatch.setattr(text, "PARALLEL_BYTES", 0)
+    assert np.array_equal(text.tokenize(texts, tokenizer, workers=2, desc="parallel"), serial)
+
+
+@pytest.mark.parametrize("case", ["empty folder", "not utf-8", "nul byte", "val takes all", "bad json",
+                                  "no field", "out is a file", "missing source", "unknown val file",
+                                  "val fraction 1"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
+    src, out, extra = tmp_path / "src", tmp_path / "out", []
+    src.mkdir()
+    (src / "a.txt").write_text("first document\n")
+    (src / "b.txt").write_text("second document\n")
+    needles = {"empty folder": ["holds no"], "not utf-8": ["c.txt", "not UTF-8 at byte offset 7"],
+               "nul byte": ["c.txt", "NUL byte at byte offset 3", "--tokenizer gpt2"],
+               "val takes all": ["all 2 documents"], "bad json": ["d.jsonl:2", "not JSON"],
+               "no field": ["d.jsonl:1", "'text'", "--field"], "out is a file": ["--out"],
+               "missing source": ["not found"], "unknown val file": ["--val-files"],
+               "val fraction 1": ["--val-fraction 1"]}[case]
+    if case == "empty folder":
+        (src / "a.txt").unlink()
+        (src / "b.txt").unlink()
+    elif case == "not utf-8":
+        (src / "c.txt").write_bytes(b"caf\xc3\xa9: \xff\xfe")
+    elif case == "nul byte":
+        (src / "c.txt").write_bytes(b"abc\0def")
+    elif case == "val takes all":
+        extra = ["--val-docs", "2"]
+    elif case == "bad json":
+        (src / "d.jsonl").write_text('{"text": "fine"}\n{"text": "cut\n')
+    elif case == "no field":
+        (src / "d.jsonl").write_text('{"body": "elsewhere"}\n')
+    elif case == "out is a file":
+        out.write_text("mine")
+    elif case == "missing source":
+        src = tmp_path / "nowhere"
+    elif case == "unknown val file":
+        extra = ["--val-files", tmp_path / "elsewhere.txt"]
+    elif case == "val fraction 1":
+        extra = ["--val-fraction", "1"]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_code:
+        main(src, "--tokenizer", "bytes", "--out", out, *extra)
+    assert exit_code.value.code == 2
+    one_line_error(capsys, *needles)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_own_text_trains_with_the_two_readme_commands(tmp_path):
+    corpus(tmp_path / "src", docs=40)
+    done = subprocess.run([sys.executable, "data/text.py", str(tmp_path / "src"), "--tokenizer", "bytes",
+                           "--out", str(tmp_path / "data"), "--val-docs", "3"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    result = run_train(tmp_path / "data", tmp_path / "runs", "--train-tokens", "0", "--val-tokens", "0")
+    assert "done: 3 snapshots" in result.stdout and " bpb" in result.stdout
+    run = json.loads((tmp_path / "runs" / "tiny-1x3-seed0" / "run.json").read_text())
+    val = read_tokens(tmp_path / "data" / "val.q0t")
+    assert run["val"]["text_bytes"] == val.text_bytes  # bits per byte over the whole validation text
