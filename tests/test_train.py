@@ -13,6 +13,7 @@ import torch
 
 from conftest import REPO, TINY, TORCHRUN_2, run_train
 import train_q0 as q0
+from data.shards import write_shard
 
 
 def args_for(**overrides):
@@ -246,8 +247,9 @@ def test_two_processes_give_the_same_population(two_bases, small_data, tmp_path)
     run_train(small_data, tmp_path, "--bases", "2", "--cycles", "3", "--distill-from-cycle", "2",
               launcher=TORCHRUN_2)
     assert snapshot_losses(tmp_path / "tiny-2x3-seed0") == snapshot_losses(run_dir)
-    # one base on two processes (DDP) against one process accumulating the same two micro-batches
-    run_train(small_data, tmp_path / "one", "--device-batch", "4", launcher=TORCHRUN_2)
+    # one base on two processes (DDP) against one process accumulating the same two micro-batches;
+    # under torchrun the device batch is chosen (4 of the preset's at most 8), as in README's example
+    run_train(small_data, tmp_path / "one", launcher=TORCHRUN_2)
     run_train(small_data, tmp_path / "ddp_ref", "--device-batch", "4")
     ddp, ref = snapshot_losses(tmp_path / "one/tiny-1x3-seed0"), snapshot_losses(tmp_path / "ddp_ref/tiny-1x3-seed0")
     assert ddp.keys() == ref.keys()
@@ -307,6 +309,20 @@ def test_bad_layouts_and_sizes_are_refused(small_data, tmp_path):
     assert not any(tmp_path.glob("*/snapshots/*.pt"))
 
 
+def test_device_batch_is_chosen_to_divide_unless_given():
+    args = q0.parse_args(["--preset", "cpu"])
+    cycles = q0.plan_cycles(args, 32768)
+    assert sorted({c.batch_seqs for c in cycles}) == [24, 32]
+    assert q0.choose_device_batch(args, 1, cycles) == 8   # the preset's, when it divides
+    assert q0.choose_device_batch(args, 2, cycles) == 4   # 12 and 16 sequences per process
+    assert q0.choose_device_batch(args, 8, cycles) == 1   # 3 and 4
+    with pytest.raises(q0.UsageError, match="does not split over 3 processes"):
+        q0.choose_device_batch(args, 3, cycles)
+    args = q0.parse_args(["--preset", "cpu", "--device-batch", "8"])
+    with pytest.raises(q0.UsageError, match="--device-batch 8"):
+        q0.choose_device_batch(args, 2, cycles)          # given: checked, never changed
+
+
 def test_epochs_flag_trains_the_recipe_layout(small_data, tmp_path):
     run_train(small_data, tmp_path, "--epochs", "3", "--device-batch", "2", "--run-name", "budget3")
     run = json.loads((tmp_path / "budget3" / "run.json").read_text())
@@ -322,8 +338,10 @@ def test_mismatched_vocabularies_are_refused(small_data, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.q0t").write_bytes((small_data / "train.q0t").read_bytes())
     tokens = q0.read_tokens(small_data / "val.q0t").tokens
-    q0.write_shard(tmp_path / "data" / "val.q0t", tokens, vocab_size=50257, bos_id=0, tokenizer="gpt2",
-                   text_bytes=100)
+    table = np.ones(50257, dtype=np.int64)
+    table[0] = 0
+    write_shard(tmp_path / "data" / "val.q0t", tokens, vocab_size=50257, bos_id=0, tokenizer="gpt2",
+                token_bytes=table, command="python data/text.py elsewhere --tokenizer gpt2 --out data")
     one_line_error(run_train(tmp_path / "data", tmp_path / "runs", check=False), "do not match")
 
 
