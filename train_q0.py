@@ -242,8 +242,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if errors:
         raise UsageError(errors[0])
     model_config(args, vocab_size=2)  # shapes the model cannot take, before any data is read
-    if args.epochs < 0:
-        raise UsageError(f"--epochs {args.epochs:g}: give a positive epoch budget, or leave it out")
     if args.epochs:
         explicit = argparse.ArgumentParser(add_help=False)  # which layout flags the user typed
         for flag in RECIPE_LAYOUT_FLAGS:

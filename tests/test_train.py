@@ -77,7 +77,7 @@ def test_recipe_explicit_flags_win_and_contradictions_are_refused():
                                                 "cycle_epochs": 1.0}
     assert q0.recipe(64, cpu, {"cycles": 5})["cycle_epochs"] == pytest.approx(6.0)  # 2 bases of 8 + 4 x 6
     assert q0.recipe(64, cpu, {"cycles": 5, "cycle_epochs": 4.0})["first_cycle_epochs"] == pytest.approx(16.0)
-    with pytest.raises(q0.UsageError, match="positive epoch budget"):
+    with pytest.raises(q0.UsageError, match="--epochs -3: expected a finite number >= 0"):
         q0.parse_args(["--preset", "cpu", "--epochs", "-3"])
     with pytest.raises(q0.UsageError, match="spends 38 epochs"):
         q0.recipe(64, cpu, {"cycles": 5, "cycle_epochs": 4.0, "first_cycle_epochs": 3.0})
