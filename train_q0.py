@@ -1177,6 +1177,15 @@ def mean_nll(probs: np.ndarray) -> float:
     return float(-np.log(probs.astype(np.float64)).mean())
 
 
+def bits_per_byte(probs: np.ndarray, targets: np.ndarray, bos_id: int, text_bytes: int | None) -> float | None:
+    """The record's bits per byte: the nats of every target but BOS (a BOS target carries no bytes,
+    so it carries no nats either) over the UTF-8 bytes of the targets, in bits."""
+    if not text_bytes:
+        return None
+    keep = targets != bos_id
+    return float(-np.log(probs[keep].astype(np.float64)).sum() / (math.log(2) * text_bytes))
+
+
 def probs_to_cache(probs: np.ndarray) -> np.ndarray:
     """float16 for the cache; clamped so a log never sees 0 (2**-24 is fp16's smallest value)."""
     return np.maximum(probs, 2.0 ** -24).astype(np.float16)
@@ -1628,7 +1637,7 @@ class BaseTrainer:
         self.teacher = snap
         base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / len(self.stream)
         val_loss = mean_nll(val)
-        bpb = (val_loss * val.size / (math.log(2) * self.data.val_bytes)) if self.data.val_bytes else None
+        bpb = bits_per_byte(val, self.data.val[1:], self.data.bos_id, self.data.val_bytes)
         record = {"id": sid, "base": self.base, "cycle": cycle.index, "step": self.step,
                   "base_epochs": round(base_epochs, 6), "val_loss": val_loss, "val_bpb": bpb,
                   "fitness_loss": mean_nll(fitness), "weights": f"snapshots/{sid}.pt",

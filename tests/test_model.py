@@ -6,6 +6,7 @@ tests/fixtures/make_slowrun_fixture.py; the reference's code itself is not part 
 """
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,3 +196,11 @@ def test_snapshot_noise_touches_every_tensor_the_record_perturbs():
     for name, p in model.named_parameters():
         changed = not torch.equal(p, before[name])
         assert changed == (p.numel() > 1 and before[name].std() > 0), name
+
+
+def test_fit_prior_adamw_is_the_public_solver(fx):
+    """fit_prior.py --solver adamw against gradient_select.optimize_alpha's own result."""
+    import fit_prior
+    P, alpha = fx["prior"]["P"], fx["prior"]["alpha"]
+    fit = fit_prior.fit_adamw(P)
+    np.testing.assert_allclose(fit.w, torch.softmax(alpha.double(), 0).numpy(), atol=1e-6)
