@@ -108,7 +108,7 @@ def read_documents(source: Source, field: str, nul_is_bos: bool) -> tuple[list[D
             decode(raw, source.name, nul_is_bos)
         return [Document(source.name, text)], hashlib.sha256(raw).hexdigest(), len(raw)
     docs = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
         if not line.strip():
             continue
         where = f"{source.name}:{number}"
