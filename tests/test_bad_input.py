@@ -114,8 +114,8 @@ def test_bad_flag_value_is_one_line_exit_2_nothing_written(name, flag, value, tm
 @pytest.fixture(scope="module")
 def finished_run(small_data, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    run_train(small_data, runs, "--cycles", "2")
-    run_dir = runs / "tiny-1x2-seed0"
+    run_train(small_data, runs, "--cycles", "1")
+    run_dir = runs / "tiny-1x1-seed0"
     assert fit_prior.main([str(run_dir)]) is None
     return run_dir
 
@@ -158,7 +158,7 @@ def test_pickles_in_place_of_weights_and_caches_are_refused_without_the_unsafe_h
     assert call(fit_prior, [run]) == 2
     assert "allow_pickle" not in one_line(capsys, "b0c1.fitness.npy")
     torch.save({"x": Payload()}, run / "checkpoints" / "base0.pt")  # the rerun resumes from it
-    result = run_train(small_data, tmp_path, "--cycles", "2", "--run-name", "run", check=False)
+    result = run_train(small_data, tmp_path, "--cycles", "1", "--run-name", "run", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "base0.pt" in result.stderr
 
@@ -185,7 +185,7 @@ def test_unwritable_runs_folder(small_data, finished_run, tmp_path, capsys):
 
 def test_a_diverging_loss_stops_before_any_snapshot(small_data, tmp_path):
     result = run_train(small_data, tmp_path, "--lr-embed", "1e30", "--lr-scalar", "1e30", "--log-every", "1",
-                       check=False)
+                       "--cycles", "1", check=False)
     assert result.returncode == 2, result.stdout[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.match(r"error: the training loss is (nan|inf) at step \d+ ", lines[0]), \
