@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-tokens", type=int, default=0,
                    help="use only the first N training tokens after the fitness carve (0: all)")
     g.add_argument("--val-tokens", type=int, default=0, help="use only the first N validation tokens (0: all)")
-    g.add_argument("--fitness-tokens", type=int, default=131072,
+    g.add_argument("--fitness-tokens", type=int, default=132000,
                    help="whole documents carved from the front of the training data until at least this "
                         "many tokens; never trained on; the prior is fitted on them")
     g = p.add_argument_group("model")
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved head attention: learned q/k/v head mixing (--no-iha: off)")
     g.add_argument("--mtp-weight", type=float, default=0.3,
                    help="multi-token-prediction loss weight (0: no MTP block)")
+    g.add_argument("--zero-out-init", action=argparse.BooleanOptionalAction, default=False,
+                   help="start the attention and MLP output projections at zero instead of the record's "
+                        "N(0, 1/sqrt(d))")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-seqs", type=int, default=256, help="global batch in sequences (256 x 2048 = 524,288 tokens)")
     g.add_argument("--device-batch", type=int, default=8, help="sequences per forward pass per process")
@@ -539,6 +542,7 @@ class GPTConfig:
     loop_repeats: int = 4
     iha: bool = True               # interleaved head attention (q, k and v head mixing)
     mtp_weight: float = 0.0        # weight of the multi-token-prediction loss (0: no MTP block)
+    zero_out_init: bool = False    # output projections start at zero (modded-nanogpt) instead of N(0, 1/sqrt(d))
 
     @property
     def padded_vocab(self) -> int:
@@ -695,8 +699,8 @@ class GPT(nn.Module):
             a, m = block.attn, block.mlp
             for w in (a.q.weight, a.k.weight, a.v.weight, m.gate.weight, m.up.weight):
                 nn.init.uniform_(w, -bound, bound)
-            nn.init.normal_(a.proj.weight, std=std)
-            nn.init.normal_(m.down.weight, std=std)
+            for w in (a.proj.weight, m.down.weight):
+                nn.init.zeros_(w) if self.cfg.zero_out_init else nn.init.normal_(w, std=std)
             nn.init.zeros_(a.gate.weight)
             if a.value_embed is not None:
                 nn.init.uniform_(a.value_embed.weight, -bound, bound)
@@ -1569,7 +1573,8 @@ def model_config(args, vocab_size: int) -> GPTConfig:
     cfg = GPTConfig(vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
                     mlp_hidden=args.mlp_hidden, seq_len=args.seq_len, short_window=args.short_window,
                     dropout=args.dropout, loop_start=args.loop_layers[0], loop_end=args.loop_layers[1],
-                    loop_repeats=args.loop_repeats, iha=args.iha, mtp_weight=args.mtp_weight)
+                    loop_repeats=args.loop_repeats, iha=args.iha, mtp_weight=args.mtp_weight,
+                    zero_out_init=args.zero_out_init)
     cfg.check()
     return cfg
 
