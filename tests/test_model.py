@@ -212,5 +212,6 @@ def test_zero_out_init_is_one_flag():
     for block in model.blocks:
         assert not block.attn.proj.weight.any() and not block.mlp.down.weight.any()
         assert block.attn.q.weight.any()
+    assert not model.head.weight.any() and not model.x0_scale.any()
     record = q0.GPT(q0.model_config(q0.parse_args(["--preset", "tiny"]), 256))
     assert record.blocks[0].attn.proj.weight.std().item() == pytest.approx(32 ** -0.5, rel=0.2)
