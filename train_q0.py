@@ -45,25 +45,27 @@ REPO_ROOT = Path(__file__).resolve().parent
 
 PRESETS = {
     "slowrun": {},  # the defaults below
-    # README's main job: bytes-level Shakespeare, 32K training tokens, so a 1M-parameter model
-    # overfits within the 16-epoch budget: the data-limited regime q0 is for. One base: 6 epochs,
-    # then five 2-epoch cycles distilling. Each snapshot is scored on the fitness set (whole
-    # documents of at least 32K tokens: on Shakespeare the first play, 99,743 tokens) and 32K
-    # validation tokens, about a third of the run's time; 2-3 min on 2 idle cores.
+    # README's main job: bytes-level Shakespeare, 32K training tokens (the first play is the
+    # fitness set), so a 1.2M-parameter model overfits within the 16-epoch budget: the data-limited
+    # regime q0 is for. One base: 6 epochs, then five 2-epoch cycles distilling. The record's
+    # architecture with two choices measured at this scale (--epochs 16, seed 0, q0 prior loss;
+    # records/2026-11-24_record-model-cpu): modded-nanogpt's zero init of the residual branches
+    # (1.9912 against 2.0612 with the record's init) and no layer looping (2.0661 looping layer 2
+    # four more times, 1.5x the time, against 2.0612).
     "cpu": dict(
         data_dir="data/shakespeare/bytes", n_layer=4, d_model=128, n_head=4, mlp_hidden=384,
-        seq_len=128, short_window=64, batch_seqs=32, device_batch=8, fitness_tokens=32768,
+        seq_len=128, short_window=64, batch_seqs=32, device_batch=8, fitness_tokens=1,
         train_tokens=32768, val_tokens=32768, bases=1, cycles=6, cycle_epochs=2.0,
         first_cycle_epochs=6.0, distill_from_cycle=2, lr_matrix=0.02, lr_embed=0.05,
         lr_head=0.004, lr_scalar=0.02, weight_decay=0.2, eval_batch=32,
-        loop_layers=[2, 3], loop_repeats=4,
+        loop_layers=[2, 2], zero_out_init=True,
     ),
-    # The tests, on their own short documents: seconds per run. On Shakespeare the fitness set is
-    # still the first whole play (99,743 tokens) against 4K training tokens, and scoring it at each
-    # snapshot is most of the run: about a minute on 2 cores.
+    # The tests: seconds per run on their short documents; every piece of the architecture on (layer
+    # 2 looped once more). On Shakespeare the fitness set is the first whole play (99,743 tokens)
+    # against 4K training tokens: scoring it at every snapshot is most of a run of minutes.
     "tiny": dict(
         data_dir="data/shakespeare/bytes", d_model=32, n_head=2, mlp_hidden=64,
-        seq_len=32, short_window=16, batch_seqs=8, device_batch=8, fitness_tokens=4096,
+        seq_len=32, short_window=16, batch_seqs=8, device_batch=8, fitness_tokens=1,
         train_tokens=4096, val_tokens=2048, bases=1, cycles=3, cycle_epochs=1.0,
         first_cycle_epochs=1.0, distill_from_cycle=2, lr_matrix=0.02, lr_embed=0.05,
         lr_head=0.004, lr_scalar=0.02, weight_decay=0.2, eval_batch=16,
@@ -89,8 +91,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), default="slowrun", help="size preset; flags override it")
     g = p.add_argument_group("data")
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-tokens", type=int, default=0,
                    help="use only the first N training tokens after the fitness carve (0: all)")
     g.add_argument("--val-tokens", type=int, default=0, help="use only the first N validation tokens (0: all)")
-    g.add_argument("--fitness-tokens", type=int, default=131072,
+    g.add_argument("--fitness-tokens", type=int, default=132000,
                    help="whole documents carved from the front of the training data until at least this "
                         "many tokens; never trained on; the prior is fitted on them")
     g = p.add_argument_group("model")
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved head attention: learned q/k/v head mixing (--no-iha: off)")
     g.add_argument("--mtp-weight", type=float, default=0.3,
                    help="multi-token-prediction loss weight (0: no MTP block)")
+    g.add_argument("--zero-out-init", action=argparse.BooleanOptionalAction, default=False,
+                   help="modded-nanogpt's init instead of the record's: attention and MLP output projections and "
+                        "the head start at zero, the x0 scalars at 0 (every residual branch starts closed)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-seqs", type=int, default=256, help="global batch in sequences (256 x 2048 = 524,288 tokens)")
     g.add_argument("--device-batch", type=int, default=None,
@@ -171,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("snapshots, logs and runs")
     g.add_argument("--runs-dir", default="runs")
     g.add_argument("--run-name", default="", help="default: <preset>-<bases>x<cycles>-seed<seed>")
+    g.add_argument("--import-slowrun", default="", metavar="DIR",
+                   help="instead of training, score the reference's snapshots DIR/model_{i}.pt into a run directory "
+                        "(model i: base i // --cycles, cycle i %% --cycles + 1); the model flags must be the ones it "
+                        "was trained with (the slowrun preset's defaults are the record's)")
     g.add_argument("--val-probs", type=int, choices=[0, 1], default=1,
                    help="cache every snapshot's validation probabilities (what eval.py's fast path reads)")
     g.add_argument("--eval-batch", type=int, default=8, help="sequences per forward pass in evaluation")
@@ -302,7 +310,7 @@ RANGES = {
     "batch_seqs": at_least(1), "device_batch": at_least(1), "lr_matrix": at_least(0), "lr_embed": at_least(0),
     "lr_head": at_least(0), "lr_scalar": at_least(0), "weight_decay": at_least(0),
     "loop_layers": at_least(0), "loop_repeats": at_least(0), "iha": SWITCH, "mtp_weight": at_least(0),
-    "lr_iha": at_least(0), "decay_embeddings": SWITCH, "muon_eq_r": SWITCH, "normuon": SWITCH, "cautious_wd": SWITCH,
+    "zero_out_init": SWITCH, "import_slowrun": PATH, "lr_iha": at_least(0), "decay_embeddings": SWITCH, "muon_eq_r": SWITCH, "normuon": SWITCH, "cautious_wd": SWITCH,
     "muon_momentum": Range(lo=0, hi=1, hi_open=True), "grad_clip": at_least(0),
     "epochs": at_least(0), "bases": at_least(1), "cycles": at_least(1), "cycle_epochs": at_least(0, lo_open=True),
     "first_cycle_epochs": at_least(0, lo_open=True), "groups": at_least(0), "seed": at_least(0),
@@ -636,6 +644,7 @@ class GPTConfig:
     loop_repeats: int = 4
     iha: bool = True               # interleaved head attention (q, k and v head mixing)
     mtp_weight: float = 0.0        # weight of the multi-token-prediction loss (0: no MTP block)
+    zero_out_init: bool = False    # modded-nanogpt's init: output projections and head 0, x0 scalars 0
 
     @property
     def padded_vocab(self) -> int:
@@ -792,8 +801,8 @@ class GPT(nn.Module):
             a, m = block.attn, block.mlp
             for w in (a.q.weight, a.k.weight, a.v.weight, m.gate.weight, m.up.weight):
                 nn.init.uniform_(w, -bound, bound)
-            nn.init.normal_(a.proj.weight, std=std)
-            nn.init.normal_(m.down.weight, std=std)
+            for w in (a.proj.weight, m.down.weight):
+                nn.init.zeros_(w) if self.cfg.zero_out_init else nn.init.normal_(w, std=std)
             nn.init.zeros_(a.gate.weight)
             if a.value_embed is not None:
                 nn.init.uniform_(a.value_embed.weight, -bound, bound)
@@ -803,8 +812,10 @@ class GPT(nn.Module):
                     mix.copy_(torch.eye(mix.size(0)))
         if self.cfg.mtp_weight > 0:
             nn.init.uniform_(self.mtp_proj.weight, -bound, bound)
+        if self.cfg.zero_out_init:
+            nn.init.zeros_(self.head.weight)
         self.resid_scale.fill_(1.0)
-        self.x0_scale.fill_(0.1)
+        self.x0_scale.fill_(0.0 if self.cfg.zero_out_init else 0.1)
         self.skip_scale.fill_(1.0)
 
     def _layer(self, i: int, x: torch.Tensor, x0: torch.Tensor, rope) -> torch.Tensor:
@@ -886,6 +897,14 @@ def from_slowrun(state_dict: dict, config: dict) -> GPT:
     cfg = slowrun_config(config)
     cfg.check()
     model = GPT(cfg)
+    model.load_state_dict(slowrun_state_dict(state_dict, cfg, iha_mix_v=config.get("iha_mix_v", True)))
+    return model
+
+
+def slowrun_state_dict(state_dict: dict, cfg: GPTConfig, iha_mix_v: bool = True) -> dict:
+    """The reference's parameter names and layouts renamed to ours (fp32), checked both ways."""
+    with torch.device("meta"):
+        names = {n: p.shape for n, p in GPT(cfg).named_parameters()}
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state_dict.items()}
     ours = {"embed.weight": sd.pop("transformer.wte.weight"), "head.weight": sd.pop("lm_head.weight"),
             "resid_scale": sd.pop("resid_lambdas"), "x0_scale": sd.pop("x0_lambdas"),
@@ -903,18 +922,17 @@ def from_slowrun(state_dict: dict, config: dict) -> GPT:
             ours[f"blocks.{i}.attn.value_embed.weight"] = sd.pop(f"ve_projs.{i}.weight")
     if "mtp_proj.weight" in sd:
         ours["mtp_proj.weight"] = sd.pop("mtp_proj.weight")
-    if cfg.iha and config.get("iha_mix_v", True) is False:  # v unmixed: the identity mixes exactly that
-        for name, p in model.named_parameters():
+    if cfg.iha and not iha_mix_v:  # v unmixed: the identity mixes exactly that
+        for name, shape in names.items():
             if name.endswith("attn.v_mix"):
-                ours[name] = torch.eye(p.size(0))
+                ours[name] = torch.eye(shape[0])
     if sd:
         raise UsageError(f"reference state dict has entries q0's model does not know: {sorted(sd)[:4]}; "
                          f"check the configuration given with it")
-    missing = set(model.state_dict()) - set(ours)
+    missing = set(names) - set(ours)
     if missing:
         raise UsageError(f"reference state dict lacks {sorted(missing)[:4]}; check the configuration given with it")
-    model.load_state_dict({k: v.float() for k, v in ours.items()})
-    return model
+    return {k: v.float() for k, v in ours.items()}
 
 
 # =============================================================================================
@@ -1410,6 +1428,26 @@ def log_header(log: RunLog, args, world: int):
     log.line("versions: " + json.dumps(versions()))
 
 
+def save_snapshot(run_dir: Path, record: dict, state: dict, fitness: np.ndarray, val: np.ndarray | None):
+    """Write a snapshot's weights and caches, then its record (last: the record marks it complete)."""
+    snap_dir, sid = run_dir / "snapshots", record["id"]
+    atomic_torch_save(state, snap_dir / f"{sid}.pt")
+    atomic_save_npy(snap_dir / f"{sid}.fitness.npy", probs_to_cache(fitness))
+    if val is not None:
+        atomic_save_npy(snap_dir / f"{sid}.val.npy", probs_to_cache(val))
+    for key in ("weights", "fitness_probs", "val_probs"):
+        record[key + "_sha256"] = sha256_file(run_dir / record[key]) if record[key] else None
+    atomic_write_text(snap_dir / f"{sid}.json", json.dumps(record, indent=1))
+
+
+def snapshot_record(sid: str, base: int, cycle: int, step: int, base_epochs: float, fitness: np.ndarray,
+                    val: np.ndarray, data: "RunData", val_probs: bool) -> dict:
+    return {"id": sid, "base": base, "cycle": cycle, "step": step, "base_epochs": round(base_epochs, 6),
+            "val_loss": mean_nll(val), "val_bpb": bits_per_byte(val, data.val[1:], data.bos_id, data.val_bytes),
+            "fitness_loss": mean_nll(fitness), "weights": f"snapshots/{sid}.pt",
+            "fitness_probs": f"snapshots/{sid}.fitness.npy", "val_probs": f"snapshots/{sid}.val.npy" if val_probs else None}
+
+
 class PopulationTracker:
     """The uniform ensemble of every snapshot on disk so far, from the cached validation
     probabilities; each file is read once (a running sum), so cost stays linear in snapshots."""
@@ -1625,7 +1663,6 @@ class BaseTrainer:
     # --- snapshot ----------------------------------------------------------------------------
     def snapshot(self, cycle: Cycle):
         args, sid = self.args, snapshot_id(self.base, cycle.index)
-        snap_dir = self.run_dir / "snapshots"
         state = snapshot_state(self.model, self.device)
         snap = model_from_state(self.cfg, state, self.device)  # evaluate, and later teach, what was saved
         self.log.line(f"[b{self.base}] scoring {sid} on {self.data.fitness.size - 1:,} fitness and "
@@ -1636,21 +1673,11 @@ class BaseTrainer:
         self.scoring_seconds.append(time.perf_counter() - t0)
         self.teacher = snap
         base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / len(self.stream)
-        val_loss = mean_nll(val)
-        bpb = bits_per_byte(val, self.data.val[1:], self.data.bos_id, self.data.val_bytes)
-        record = {"id": sid, "base": self.base, "cycle": cycle.index, "step": self.step,
-                  "base_epochs": round(base_epochs, 6), "val_loss": val_loss, "val_bpb": bpb,
-                  "fitness_loss": mean_nll(fitness), "weights": f"snapshots/{sid}.pt",
-                  "fitness_probs": f"snapshots/{sid}.fitness.npy",
-                  "val_probs": f"snapshots/{sid}.val.npy" if args.val_probs else None}
+        record = snapshot_record(sid, self.base, cycle.index, self.step, base_epochs, fitness, val, self.data,
+                                 bool(args.val_probs))
+        val_loss, bpb = record["val_loss"], record["val_bpb"]
         if self.leader:
-            atomic_torch_save(state, snap_dir / f"{sid}.pt")
-            atomic_save_npy(snap_dir / f"{sid}.fitness.npy", probs_to_cache(fitness))
-            if args.val_probs:
-                atomic_save_npy(snap_dir / f"{sid}.val.npy", probs_to_cache(val))
-            for key in ("weights", "fitness_probs", "val_probs"):
-                record[key + "_sha256"] = sha256_file(self.run_dir / record[key]) if record[key] else None
-            atomic_write_text(snap_dir / f"{sid}.json", json.dumps(record, indent=1))  # last: marks it complete
+            save_snapshot(self.run_dir, record, state, fitness, val if args.val_probs else None)
             pop = self.tracker.update()
             self.log.line(f"[b{self.base}] snapshot {sid} | step {self.step} | base epochs {base_epochs:.2f} | "
                           f"val {val_loss:.4f} nats" + (f" {bpb:.4f} bpb" if bpb else "")
@@ -1725,6 +1752,40 @@ class BaseTrainer:
 
 
 # =============================================================================================
+# Importing the reference's snapshots: score them into an ordinary run directory
+# =============================================================================================
+
+def import_slowrun(args, data: RunData, cfg: GPTConfig, cycles: list[Cycle], run_dir: Path, log: RunLog, device):
+    """The reference saves model_{i}.pt, numbering node n's cycles n*C .. n*C + C-1: each becomes
+    snapshot b{n}c{cycle} with its fitness and validation probabilities, so fit_prior.py and
+    eval.py read it like a trained run. Snapshots already imported are kept (a rerun resumes)."""
+    files = sorted(Path(args.import_slowrun).glob("model_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    if not files:
+        raise UsageError(f"{args.import_slowrun} holds no model_{{i}}.pt; give the reference's checkpoint folder")
+    for path in files:
+        base, c = divmod(int(path.stem.split("_")[1]), args.cycles)
+        if base >= args.bases:
+            raise UsageError(f"{path}: beyond --bases {args.bases} x --cycles {args.cycles}; give the layout it was "
+                             f"trained with")
+        cycle, sid = cycles[c], snapshot_id(base, c + 1)
+        if (run_dir / "snapshots" / f"{sid}.json").exists():
+            continue
+        model = GPT(cfg)
+        model.load_state_dict(slowrun_state_dict(torch.load(path, map_location="cpu", weights_only=True), cfg))
+        state = snapshot_state(model, device)
+        model = model_from_state(cfg, state, device)  # score what is saved, as training does
+        fitness = token_probs(model, data.fitness, args.seq_len, args.eval_batch, device)
+        val = token_probs(model, data.val, args.seq_len, args.eval_batch, device)
+        base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / data.train.size
+        record = snapshot_record(sid, base, c + 1, cycle.first_step + cycle.steps, base_epochs, fitness, val, data,
+                                 bool(args.val_probs)) | {"imported_from": str(path)}
+        save_snapshot(run_dir, record, state, fitness, val if args.val_probs else None)
+        log.line(f"[b{base}] imported {path} as {sid} | val {record['val_loss']:.4f} nats | "
+                 f"fitness {record['fitness_loss']:.4f}")
+        log.event("snapshot", **record)
+
+
+# =============================================================================================
 # Main
 # =============================================================================================
 
@@ -1732,7 +1793,8 @@ def model_config(args, vocab_size: int) -> GPTConfig:
     cfg = GPTConfig(vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
                     mlp_hidden=args.mlp_hidden, seq_len=args.seq_len, short_window=args.short_window,
                     dropout=args.dropout, loop_start=args.loop_layers[0], loop_end=args.loop_layers[1],
-                    loop_repeats=args.loop_repeats, iha=args.iha, mtp_weight=args.mtp_weight)
+                    loop_repeats=args.loop_repeats, iha=args.iha, mtp_weight=args.mtp_weight,
+                    zero_out_init=args.zero_out_init)
     cfg.check()
     return cfg
 
@@ -1762,6 +1824,8 @@ def main(argv=None) -> int:
         cfg = model_config(args, data.vocab_size)
         cycles = plan_cycles(args, data.train.size)
         layout = make_layout(args, world, rank, cycles)
+        if args.import_slowrun and world > 1:
+            raise UsageError("--import-slowrun runs in one process; drop torchrun")
         run_dir = Path(args.runs_dir) / args.run_name
         resumed = False
         if rank == 0:
@@ -1804,7 +1868,9 @@ def main(argv=None) -> int:
     if world > 1:
         dist.barrier()
     try:
-        for base in layout.bases:
+        if args.import_slowrun:
+            import_slowrun(args, data, cfg, cycles, run_dir, log, device)
+        for base in [] if args.import_slowrun else layout.bases:
             BaseTrainer(args, base, layout, data, cfg, cycles, run_dir, log, device).run()
     except UsageError as e:  # a diverged loss, an unloadable checkpoint: torchrun stops the other ranks
         if layout.group_rank == 0:
