@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import fit_prior  # noqa: E402
 import train_q0  # noqa: E402
+from conftest import BYTES_TABLE  # noqa: E402
+from data.shards import write_shard  # noqa: E402
 
 
 def sha(path: Path) -> str:
@@ -45,7 +47,8 @@ def make_run(root: Path, name: str, fit: np.ndarray, val: np.ndarray | None, bas
     (d / "snapshots").mkdir(parents=True)
     tv = val.shape[1] if val is not None else 10
     tokens = val_tokens(tv)
-    train_q0.write_shard(d / "val.q0t", tokens, vocab_size=256, bos_id=0, tokenizer="bytes", text_bytes=tv)
+    write_shard(d / "val.q0t", tokens, vocab_size=256, bos_id=0, tokenizer="bytes", token_bytes=BYTES_TABLE,
+                command="python -m pytest tests  # make_run of tests/test_prior.py")
     (d / "run.json").write_text(json.dumps({
         "format": "q0-run", "version": 2, "tokenizer": tokenizer, "vocab_size": 256, "bos_id": 0, "seq_len": 32,
         "fitness": {"tokens": fit.shape[1] + 1, "targets": fit.shape[1], "sha256": fitness_sha},
