@@ -339,7 +339,22 @@ def _tensor_bytes(obj) -> int:
     return 64
 
 
+def _canonical(obj):
+    """The same values as the same bytes. pickle writes a string or tuple once and then refers to
+    it by identity, so an optimizer state loaded from a checkpoint (fresh key strings) pickled
+    differently from one built in this process (interned literals): strings interned, containers
+    rebuilt unshared, torch.save's output depends on the values alone."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
+
+
 def atomic_torch_save(obj, path):
+    obj = _canonical(obj)
     _atomic(path, lambda tmp: torch.save(obj, tmp), size=_tensor_bytes(obj) + 65536)
 
 
