@@ -64,3 +64,10 @@ def run_train(data_dir: Path, runs_dir: Path, *flags: str, launcher=(sys.executa
 
 
 TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def pytest_configure(config):
+    """Tests marked slow (the whole crash campaign) run only when asked: pytest -m slow."""
+    config.addinivalue_line("markers", "slow: long tests, deselected unless -m selects them (pytest -m slow)")
+    if not config.option.markexpr:
+        config.option.markexpr = "not slow"
