@@ -299,7 +299,7 @@ def _disk_error(path: Path, size: int | None, err: BaseException) -> DiskError |
     free = shutil.disk_usage(next(p for p in path.parents if p.exists())).free
     # torch.save reports a full disk as a RuntimeError without errno ("unexpected pos ..."): the
     # free space left says what happened
-    if code in (errno.ENOSPC, errno.EDQUOT) or (isinstance(err, RuntimeError) and size and free < size):
+    if code in (errno.ENOSPC, errno.EDQUOT) or (isinstance(err, RuntimeError) and free < max(size or 0, 1 << 20)):
         need = f"{_human(size)}" if size else "more space"
         return DiskError(f"no space left for {path}: it needs {need}, {_human(free)} free on its disk; free "
                          f"some space (or write elsewhere), then rerun the same command")
@@ -325,7 +325,8 @@ def _atomic(path, write, size: int | None = None, replace: bool = True):
     except (OSError, RuntimeError) as e:
         raise _disk_error(path, size, e) or e
     finally:
-        tmp.unlink(missing_ok=True)
+        if os.path.lexists(tmp):  # (unlink of a missing name fails on a read-only disk)
+            tmp.unlink()
 
 
 def _tensor_bytes(obj) -> int:

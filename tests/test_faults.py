@@ -6,6 +6,7 @@ torchrun with 2 processes and on two loopback "nodes" (c10d rendezvous on 127.0.
 its counts: trials, identical, corrupt, hung."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -233,3 +234,69 @@ def test_a_frozen_node_fails_the_other_naming_its_rank(fault_data, tmp_path):
     assert code is None, out  # the frozen node's launcher waits on its frozen worker: stopped by launch()
     assert "error: rank 1 stopped answering for --collective-timeout-minutes 0.2" in out, out
     assert time.time() - t0 < 150
+
+
+# --- one writer, the same data, a full disk ---------------------------------------------------
+
+def test_one_writer_per_run_folder(fault_data, tmp_path):
+    """A second trainer meets the first one's lock with one line naming its pid, whether the holder
+    is the first rank or an orphaned torchrun worker of another rank; a dead holder holds nothing."""
+    code, _ = launch("1 process", fault_data, tmp_path, {"Q0_FAULT": "kill:8"})  # a run to resume
+    assert code == -signal.SIGKILL
+    for rank in (0, 1):
+        held = q0.RunLock(tmp_path / RUN, rank)  # this process plays the live writer
+        code, out = launch("1 process", fault_data, tmp_path)
+        os.close(held.fd)
+        assert code == 2 and f"error: {tmp_path / RUN} is in use by another trainer (pid {os.getpid()})" in out, out
+    code, out = launch("1 process", fault_data, tmp_path)
+    assert code == 0, out
+
+
+def test_a_resume_checks_the_training_tokens(fault_data, tmp_path):
+    """Training data replaced at the same path between a crash and the resume is refused (it was
+    trained on silently)."""
+    data = tmp_path / "data"
+    shutil.copytree(fault_data, data)
+    code, _ = launch("1 process", data, tmp_path / "runs", {"Q0_FAULT": "kill:8"})
+    assert code == -signal.SIGKILL
+    (data / "train.q0t").unlink()
+    write_bytes_shard(data / "train.q0t", documents(shakespeare_paragraphs("hamlet"))[1:41])
+    code, out = launch("1 process", data, tmp_path / "runs")
+    assert code == 2, out
+    error = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "tokens in" in error[0] and "differ from those run" in error[0], out
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_completes(fault_data, reference, tmp_path):
+    """The disk fills as b0c1.pt is written (injected ENOSPC): one line naming the file, the space
+    it needs and the space free; nothing lost, and the rerun is bitwise identical."""
+    code, out = launch("1 process", fault_data, tmp_path, {"Q0_FAULT": "enospc:4"})
+    assert code == 2, out
+    error = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "no space left for" in error[0] and "b0c1.pt: it needs" in error[0], out
+    assert " free on its disk" in error[0] and "Traceback" not in out
+    assert trial("1 process", fault_data, tmp_path, [], reference) == "identical"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root to mount: skipped elsewhere)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_real_full_and_read_only_disks(tiny_disk):
+    import torch
+    big = {"w": torch.zeros(1 << 19)}  # 2 MiB
+    with pytest.raises(q0.DiskError, match=r"no space left for .*big\.pt: it needs 2\.1 MiB, 1\.0 MiB free"):
+        q0.atomic_torch_save(big, tiny_disk / "big.pt")  # refused before writing a byte
+    with pytest.raises(q0.DiskError, match=r"no space left for .*raw\.pt: it needs more space, \d+ B free"):
+        q0._atomic(tiny_disk / "raw.pt", lambda tmp: torch.save(big, tmp))  # torch's own RuntimeError
+    assert not list(tiny_disk.iterdir())  # no temporary file left
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    with pytest.raises(q0.DiskError, match=r"cannot write .*x\.json: Read-only file system"):
+        q0.atomic_write_text(tiny_disk / "x.json", "{}")
