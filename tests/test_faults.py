@@ -115,7 +115,7 @@ def incomplete_records(run_dir: Path) -> list[str]:
     bad = []
     for p in (run_dir / "snapshots").glob("b*c*.json"):
         r = json.loads(p.read_text())
-        if any(r.get(k) and not (run_dir / r[k]).is_file() for k in q0.SNAPSHOT_FILES):
+        if any(r.get(k) and not (run_dir / r[k]).is_file() for k in ("weights", "fitness_probs", "val_probs")):
             bad.append(r["id"])
     return bad
 
