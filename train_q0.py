@@ -1095,7 +1095,7 @@ def list_snapshots(run_dir) -> list[dict]:
     for r in records:
         missing = [r[k] for k in SNAPSHOT_FILES if r.get(k) and not (Path(run_dir) / r[k]).is_file()]
         if missing:
-            raise UsageError(f"snapshot {r['id']} of {run_dir} lacks {', '.join(missing)}; rerun its training "
+            raise UsageError(f"snapshot {r['id']} of {run_dir} is missing {', '.join(missing)}; rerun its training "
                              f"command to repair it")
     return sorted(records, key=lambda r: (r["cycle"], r["base"]))
 

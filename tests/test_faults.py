@@ -29,13 +29,14 @@ ENV = {"OMP_NUM_THREADS": "1"}  # torchrun's workers get one thread: the same ar
 HUNG_S = 240  # seconds: a launch that takes longer counts as hung
 
 
-def launch(mode: str, data: Path, runs: Path, env: dict | None = None, grace_s: float = 90) -> tuple[int | None, str]:
+def launch(mode: str, data: Path, runs: Path, env: dict | None = None, grace_s: float = 90,
+           extra: tuple = ()) -> tuple[int | None, str]:
     """Train FLAGS in `mode`; (exit code, or None if it hung; its output). Two "nodes" are two
     torchrun launchers meeting at a c10d rendezvous on 127.0.0.1, one process each. Once one
     launcher has failed, the others get `grace_s` to follow; then they count as hung and are
     stopped, their workers too (found by the pids in the run's lock: torchrun's workers can
     outlive their launcher)."""
-    cmd = [str(REPO / "train_q0.py"), *TINY, "--data-dir", str(data), "--runs-dir", str(runs), *FLAGS]
+    cmd = [str(REPO / "train_q0.py"), *TINY, "--data-dir", str(data), "--runs-dir", str(runs), *FLAGS, *extra]
     full_env = {**os.environ, **ENV, **(env or {})}
     if mode == "1 process":
         launchers = [(sys.executable,)]
@@ -92,14 +93,14 @@ def stop_workers(run_dir: Path):
 
 
 def digest(runs: Path) -> dict:
-    """Every file of the runs folder: bytes for snapshots and checkpoints, values for run.json and
-    manifest.json (their creation time aside), presence for the logs (they carry times)."""
+    """Every file of the runs folder: bytes for weights, caches and checkpoints, values for the JSON
+    files (run.json's creation time aside), presence for the logs (they carry times)."""
     out = {}
     for p in sorted(runs.rglob("*")):
         if p.is_dir():
             continue
         rel = str(p.relative_to(runs))
-        if p.name in ("run.json", "manifest.json"):
+        if p.suffix == ".json":
             d = json.loads(p.read_text())
             d.pop("created", None)
             out[rel] = d
@@ -234,6 +235,34 @@ def test_a_frozen_node_fails_the_other_naming_its_rank(fault_data, tmp_path):
     assert code is None, out  # the frozen node's launcher waits on its frozen worker: stopped by launch()
     assert "error: rank 1 stopped answering for --collective-timeout-minutes 0.2" in out, out
     assert time.time() - t0 < 150
+
+
+def snapshot_losses(run_dir: Path) -> dict:
+    return {r["id"]: r["val_loss"] for r in q0.list_snapshots(run_dir)}
+
+
+def test_placement_flags_may_change_on_resume(fault_data, reference, tmp_path):
+    """Killed after base 0's first cycle, a run resumes with another --device-batch (4 micro-batches
+    a step instead of 1); one on two processes (a group per base) resumes on one group (both
+    processes train each base in turn, DDP). The first was accepted but changed the dropout masks,
+    the second refused though it changes nothing but rounding. Tiny models amplify rounding (Muon
+    orthogonalises the near-zero gradients of zero-initialised layers into full-size steps), so
+    the losses agree to 1e-2 here; tests/test_train.py's one-step test is the exact one."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert launch("1 process", fault_data, one, {"Q0_FAULT": "kill:9"})[0] == -signal.SIGKILL
+    code, out = launch("1 process", fault_data, one, extra=("--device-batch", "2"))
+    assert code == 0 and "[b0] resumed at step 2 after 1 cycles" in out, out
+    code, out = launch("2 processes", fault_data, two, {"Q0_FAULT": "kill:9", "Q0_FAULT_RANK": "0"})
+    assert code != 0 and (two / RUN / "snapshots/b0c1.json").exists(), out
+    code, out = launch("2 processes", fault_data, two, extra=("--groups", "1", "--device-batch", "4"))
+    assert code == 0 and "1 group(s) of 2 process(es)" in out, out
+    ref = {k.removeprefix(f"{RUN}/snapshots/").removesuffix(".json"): v["val_loss"]
+           for k, v in reference.items() if k.endswith(".json") and "/snapshots/" in k}
+    for runs in (one, two):
+        mine = snapshot_losses(runs / RUN)
+        assert mine.keys() == ref.keys()
+        for k, v in ref.items():
+            assert mine[k] == pytest.approx(v, abs=1e-2), (runs, k)
 
 
 # --- one writer, the same data, a full disk ---------------------------------------------------

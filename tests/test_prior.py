@@ -215,7 +215,7 @@ def test_cli_refuses_a_snapshot_record_without_its_files(tmp_path):
     trainer removed an unfinished snapshot could once leave one, and a prior was fitted on it."""
     run = make_run(tmp_path, "a", synthetic(3, 50, seed=1), None)
     (run / "snapshots" / "b0c1.pt").unlink()
-    assert_clean_error(cli("fit_prior.py", run), "b0c1", "lacks snapshots/b0c1.pt", "rerun its training command")
+    assert_clean_error(cli("fit_prior.py", run), "b0c1", "is missing snapshots/b0c1.pt", "rerun its training command")
     assert not (run / "prior.json").exists()
 
 

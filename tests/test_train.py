@@ -363,29 +363,3 @@ def test_device_batch_moves_only_the_reduction_order(small_data, tmp_path):
         got = one_step_weights(small_data, tmp_path, device_batch)
         gap = max(((ref[k] - got[k]).norm() / ref[k].norm()).item() for k in ref)
         assert gap < 1e-5, (device_batch, gap)
-
-
-def test_placement_flags_may_change_on_resume(two_bases, small_data, tmp_path):
-    """Killed after base 0's first cycle (commit 8: after its checkpoint), a run resumes with another
-    --device-batch; one on two processes (a group per base) resumes on one group (both processes
-    train each base in turn, DDP). Both were refused or silently changed the population before.
-    Tiny models amplify rounding (Muon orthogonalises the near-zero gradients of zero-initialised
-    layers into full-size steps), so the losses agree to 1e-2 here; the step test above is exact."""
-    run_dir, _ = two_bases
-    flags = ("--bases", "2", "--cycles", "3", "--distill-from-cycle", "2")
-    one, two = tmp_path / "one", tmp_path / "two"
-    killed = run_train(small_data, one, *flags, env={"Q0_FAULT": "kill:8"}, check=False)
-    assert killed.returncode == -signal.SIGKILL
-    resumed = run_train(small_data, one, *flags, "--device-batch", "2")
-    assert "resumed at step 16 after 1 cycles" in resumed.stdout
-    killed = run_train(small_data, two, *flags, launcher=TORCHRUN_2, check=False,
-                       env={"Q0_FAULT": "kill:8", "Q0_FAULT_RANK": "0", "OMP_NUM_THREADS": "1"})
-    assert killed.returncode != 0 and (two / "tiny-2x3-seed0/snapshots/b0c1.json").exists()
-    resumed = run_train(small_data, two, *flags, "--groups", "1", "--device-batch", "4", launcher=TORCHRUN_2,
-                        env={"OMP_NUM_THREADS": "1"})
-    assert "1 group(s) of 2 process(es)" in resumed.stdout
-    for runs in (one, two):
-        mine = snapshot_losses(runs / "tiny-2x3-seed0")
-        assert mine.keys() == snapshot_losses(run_dir).keys()
-        for k, v in snapshot_losses(run_dir).items():
-            assert mine[k] == pytest.approx(v, abs=1e-2), (runs, k)
