@@ -74,8 +74,7 @@ def load_prior(path: Path, members, ks):
         for kind in ("renormalised", "refitted"):
             w = np.zeros(len(members))
             w[idx] = b[f"weights_{kind}"]
-<<<<<<< HEAD
-            out.append({"part": "prior", "K": k, "weights": kind, "w": w, "cost": k})
+            out.append({"part": "prior", "K": k, "weights": kind, "w": w})
     unfitted = [m.name for i, m in enumerate(members) if i not in fitted_on]
     return prior | {"unfitted": unfitted}, out
 
@@ -101,10 +100,6 @@ def population_check(path: Path, prior: dict, members, where: dict) -> set[int]:
                 f"with fit_prior.py")
         fitted_on.add(i)
     return fitted_on
-=======
-            out.append({"part": "prior", "K": k, "weights": kind, "w": w})
-    return prior, out
->>>>>>> main
 
 
 def forward_passes(w: np.ndarray) -> int:
