@@ -1921,15 +1921,23 @@ class Peers:
         self.world, self.rank, self.timeout_s = world, rank, timeout_minutes * 60
         self.beat_s = min(2.0, self.timeout_s / 4)
         self.store = dist.distributed_c10d._get_default_store()
-        threading.Thread(target=self._beat, daemon=True).start()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
 
     def _beat(self):
-        while True:
+        while not self.stopping.is_set():
             try:
                 self.store.add(f"q0/alive/{self.rank}", 1)
             except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
                 return
-            time.sleep(self.beat_s)
+            self.stopping.wait(self.beat_s)
+
+    def close(self):
+        """Stop beating before the process group (and its store) goes: a store call in flight at
+        teardown aborts the process ("terminate called without an active exception")."""
+        self.stopping.set()
+        self.thread.join()
 
     def _beats(self, ranks) -> dict[int, int]:
         return {r: self.store.add(f"q0/alive/{r}", 0) for r in ranks}
@@ -1982,6 +1990,9 @@ def main(argv=None) -> int:
             raise
         print(f"error: {peers.hung_message(silent)}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        if peers is not None:
+            peers.close()
 
 
 def train(args, world: int, rank: int, device: torch.device, peers: Peers | None) -> int:
@@ -2006,6 +2017,7 @@ def train(args, world: int, rank: int, device: torch.device, peers: Peers | None
         dist.broadcast_object_list(ok, src=0)
     if not ok[0]:
         if world > 1:
+            peers.close()
             dist.destroy_process_group()
         return 2
     if rank > 0 and layout.group_rank == 0 and lock is None:
@@ -2048,6 +2060,7 @@ def train(args, world: int, rank: int, device: torch.device, peers: Peers | None
                  f"{pop['best_single_val_loss']:.4f} ({pop['best_single']}) | uniform ensemble val {uniform} | "
                  f"next: python fit_prior.py {run_dir} && python eval.py {run_dir} --prior {run_dir}/prior.json")
     if world > 1:
+        peers.close()
         dist.destroy_process_group()
     return 0
 
