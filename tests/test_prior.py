@@ -237,7 +237,7 @@ def test_cli_a_second_writer_of_the_same_prior_is_refused(tmp_path):
     assert_clean_error(cli("fit_prior.py", run), "prior.json is being written by another process")
     os.close(held)  # that writer died: its lock went with it
     assert cli("fit_prior.py", run).returncode == 0
-    assert sorted(p.name for p in run.iterdir()) == ["prior.json", "run.json", "snapshots"]  # no temporary left
+    assert (run / "prior.json").is_file() and not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary
 
 
 def test_cli_notes_a_run_still_training(tmp_path):
