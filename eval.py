@@ -38,6 +38,7 @@ CACHE_TOLERANCE = 1e-3  # nats/token between the cached fp16 and forward paths (
 PROB_FLOOR = 2.0 ** -24  # the caches' clamp; the forward path applies the same one
 CHUNK_ELEMS = 1 << 24    # cached path: member probabilities held at once (64 MiB of float32)
 PARTS = ("members", "uniform", "prior", "curve")
+MD_TITLE = "# q0 evaluation "
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,6 +63,7 @@ def _prior_weightings(path: Path, prior: dict, members, ks):
     if prior["fitness"]["sha256"] != members[0].run["fitness"]["sha256"]:
         die(f"{path} was fitted on a different fitness set than these runs; refit with fit_prior.py")
     where = {(m.run_dir.resolve(), m.record["id"]): i for i, m in enumerate(members)}
+    fitted_on = population_check(path, prior, members, where)
     budgets = {b["K"]: b for b in prior["budgets"]}
     for k in ks or ():
         if k not in budgets:
@@ -82,7 +84,31 @@ def _prior_weightings(path: Path, prior: dict, members, ks):
             w = np.zeros(len(members))
             w[idx] = b[f"weights_{kind}"]
             out.append({"part": "prior", "K": k, "weights": kind, "w": w})
-    return prior, out
+    unfitted = [m.name for i, m in enumerate(members) if i not in fitted_on]
+    return prior | {"unfitted": unfitted}, out
+
+
+def unfitted_note(prior_path, unfitted: list[str], population: int) -> str:
+    names = ", ".join(unfitted[:6]) + (f" and {len(unfitted) - 6} more" if len(unfitted) > 6 else "")
+    return (f"{prior_path} was fitted on {population - len(unfitted)} of the {population} snapshots; it gives no "
+            f"weight to {names}: refit with fit_prior.py to use them")
+
+
+def population_check(path: Path, prior: dict, members, where: dict) -> set[int]:
+    """The prior's population (every member it was fitted on, by snapshot id and weights SHA-256)
+    against the disk: a member gone or changed refuses the prior; members it never saw are named
+    (it was fitted while the run was still training). Returns the members' positions."""
+    fitted_on = set()
+    for ref in prior["members"]:
+        i = where.get(((path.parent / ref["run"]).resolve(), ref["id"]))
+        if i is None:
+            die(f"{path} was fitted on snapshot {ref['id']} of {path.parent / ref['run']}, which is gone (or its "
+                f"run was not given); refit with fit_prior.py")
+        if members[i].record["weights_sha256"] != ref["weights_sha256"]:
+            die(f"snapshot {members[i].name} changed since {path} was fitted (weights SHA-256 differs); refit "
+                f"with fit_prior.py")
+        fitted_on.add(i)
+    return fitted_on
 
 
 def forward_passes(w: np.ndarray) -> int:
@@ -234,10 +260,13 @@ def fmt_bpb(x):
 
 def markdown(res: dict) -> str:
     v = res["val"]
-    out = [f"# q0 evaluation ({res['path']})", "",
+    out = [f"{MD_TITLE}({res['path']})", "",
            f"Validation: {v['targets']} targets, {v['text_bytes'] or 'unknown'} bytes, sha256 {v['sha256'][:12]}; "
            f"{len(res['members']) or res['population']} snapshots. Loss in nats/token; bpb = bits per byte; "
            f"forward passes = members run per token.", ""]
+    if res.get("prior", {}).get("snapshots_not_in_prior"):
+        p = res["prior"]
+        out += [f"Note: {unfitted_note(p['file'], p['snapshots_not_in_prior'], res['population'])}.", ""]
     rows = []
     if res.get("uniform"):
         u = res["uniform"]
@@ -284,12 +313,21 @@ def plot(res: dict, path: Path):
     for ax in axes:
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    try:
-        os.link(tmp, path)
-    finally:
-        tmp.unlink()
+    train_q0._atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def claim_outputs(out: Path, writer: bool = True) -> int | None:
+    """The results JSON is the completion marker: written last, after the .md and .png beside it.
+    So a .md (or .png) without its JSON was left by an interrupted eval and is rewritten; a JSON
+    that exists is never overwritten. A .md that is not an eval's, alone, is refused too."""
+    md, png = out.with_suffix(".md"), out.with_suffix(".png")
+    leftover = md.is_file() and md.read_text(errors="replace").startswith(MD_TITLE)
+    for p in (md, png):
+        if p.exists() and not out.exists() and not leftover:
+            die(f"{p} exists and is never overwritten; choose another path with --out")
+    if out.exists():
+        die(f"{out} exists and is never overwritten; choose another path with --out")
+    return fit_prior.claim(out) if writer else None  # under torchrun, rank 0 writes
 
 
 RANGES = {"runs": train_q0.PATH, "prior": train_q0.PATH, "budgets": train_q0.TEXT, "parts": train_q0.TEXT,
@@ -331,9 +369,7 @@ def main(argv=None):
             die("--plot needs matplotlib, which is not installed (pip install matplotlib)")
     out = Path(args.out) if args.out else Path(args.runs[0]) / ("eval-forward.json" if args.forward else "eval.json")
     outputs = [out, out.with_suffix(".md")] + ([out.with_suffix(".png")] if args.plot else [])
-    for p in outputs:
-        if p.exists():
-            die(f"{p} exists and is never overwritten; choose another path with --out")
+    claimed = claim_outputs(out, writer=os.environ.get("RANK", "0") == "0")  # noqa: F841 - held until exit
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not args.forward:
         die("the cached path runs in one process; drop torchrun, or add --forward")
@@ -349,6 +385,8 @@ def main(argv=None):
         prior = None
         if args.prior and "prior" in parts:
             prior, ws = load_prior(Path(args.prior), members, ks)
+            if prior["unfitted"]:
+                print(f"note: {unfitted_note(args.prior, prior['unfitted'], len(members))}", file=sys.stderr)
             weightings += ws
         if "curve" in parts:
             weightings += curve_weightings(members, curve_points(len(members), args.curve_points))
@@ -395,15 +433,16 @@ def main(argv=None):
             c = curve.setdefault(x["n"], {k: x[k] for k in ("n", "latest", "epochs")})
             c[x["weights"]] = numbers(s, run, forward_passes(x["w"])) | ({"fitness_loss": x["fitness_loss"]} if "fitness_loss" in x else {})
     if prior is not None:
-        res["prior"] = {"file": str(args.prior), "solver": prior["solver"]["name"], "budgets": list(budgets.values())}
+        res["prior"] = {"file": str(args.prior), "solver": prior["solver"]["name"], "budgets": list(budgets.values()),
+                        "snapshots_not_in_prior": prior["unfitted"]}
     res["curve"] = list(curve.values())
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     md = markdown(res)
     try:
-        fit_prior.write_new(out, json.dumps(res, indent=1) + "\n")
-        fit_prior.write_new(out.with_suffix(".md"), md + "\n")
+        fit_prior.write_new(out.with_suffix(".md"), md + "\n", replace=True)  # the JSON, last, marks them complete
         if args.plot:
             plot(res, out.with_suffix(".png"))
+        fit_prior.write_new(out, json.dumps(res, indent=1) + "\n")
     except OSError as e:  # a read-only run folder, a full disk
         die(f"cannot write {e.filename or out} ({e.strerror}); choose a writable path with --out")
     print(md)

@@ -81,12 +81,29 @@ def load_population(run_dirs) -> list[Member]:
             if ident[key] != first[1][key]:
                 die(f"{d} and {first[0]} have different {key} ({ident[key]} vs {first[1][key]}); "
                     f"a prior or ensemble mixes only snapshots scored on the same tokens")
-        recs = train_q0.list_snapshots(d)
+        try:
+            recs = train_q0.list_snapshots(d)
+        except train_q0.UsageError as e:
+            die(str(e))
         if not recs:
             die(f"{d}: no snapshots yet (a snapshot is written at the end of every cycle)")
         members += [Member(d, j, run, r) for r in recs]
     members.sort(key=lambda m: (m.record["cycle"], m.run_index, m.record["base"]))
     return members
+
+
+def unfinished_runs(members: list[Member]) -> list[str]:
+    """A note per run that has fewer snapshots than its layout plans (still training, or stopped):
+    the prior records exactly which snapshots it saw, and eval.py names the ones it missed."""
+    notes = []
+    for d in sorted({m.run_dir for m in members}):
+        layout = next(m.run for m in members if m.run_dir == d).get("layout")
+        have = sum(m.run_dir == d for m in members)
+        planned = layout["bases"] * len(layout["cycles"]) if layout else have
+        if have < planned:
+            notes.append(f"note: {d} has {have} of its {planned} snapshots (still training?); this prior covers "
+                         f"those {have}: refit when it finishes")
+    return notes
 
 
 def read_cache(m: Member, kind: str) -> np.ndarray:
@@ -379,22 +396,25 @@ def parse_budgets(text: str | None, m: int) -> list[int]:
 # Output
 # ---------------------------------------------------------------------------------------------
 
-def write_new(path: Path, text: str, flag: str = "--out"):
-    """Atomic and never clobbering: write a temp file, then hard-link it into place (link fails
-    if the name exists, even if another process created it a moment ago)."""
-    path = Path(path)
+def claim(path: Path, flag: str = "--out") -> int:
+    """Refuse an output that exists, and hold it against a second writer until this process exits
+    (train_q0.claim_output): checked before any work, so nothing is computed for nothing."""
     if path.exists():
         die(f"{path} exists and is never overwritten; choose another path with {flag}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            die(f"{path} exists and is never overwritten; choose another path with {flag}")
-    finally:
-        tmp.unlink(missing_ok=True)
+        return train_q0.claim_output(path)
+    except train_q0.UsageError as e:
+        die(str(e))
+
+
+def write_new(path: Path, text: str, flag: str = "--out", replace: bool = False):
+    """Atomic (train_q0's writer) and, unless replace, never clobbering: the file is linked into
+    place, which fails if the name exists, even if it appeared a moment ago."""
+    try:
+        train_q0.atomic_write_text(path, text, replace=replace)
+    except train_q0.UsageError as e:
+        exists = Path(path).exists() and not replace
+        die(f"{path} exists and is never overwritten; choose another path with {flag}" if exists else str(e))
 
 
 def member_ref(m: Member, base: Path) -> dict:
@@ -481,12 +501,13 @@ def main(argv=None):
     args = parse_checked(build_parser(), RANGES, argv)
 
     out = Path(args.out) if args.out else Path(args.runs[0]) / "prior.json"
-    if out.exists():
-        die(f"{out} exists and is never overwritten; choose another path with --out")
+    claimed = claim(out)  # noqa: F841 - held until exit
     try:
         members = load_population(args.runs)
     except train_q0.UsageError as e:  # an unreadable run.json or snapshot record
         die(str(e))
+    for note in unfinished_runs(members):
+        print(note)
     ks = parse_budgets(args.budgets, len(members))
     P = load_matrix(members, "fitness")
     full = fit(P, args.solver)

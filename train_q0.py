@@ -18,13 +18,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import platform
+import shutil
+import signal
 import struct
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -76,10 +81,13 @@ PRESETS = {
 # Without --device-batch, the largest device batch up to the preset's (or this) that divides.
 DEVICE_BATCH_CAP = 8
 
-# Flags that do not change the population: a resumed run may change these freely.
+# Flags that do not change the population: a resumed run may change these freely. Placement
+# flags (--device-batch, --groups, and the process count, which is no flag) change only the
+# floating-point reduction order: dropout masks are drawn per sequence of the global batch,
+# whatever micro-batch or process it lands on (tests/test_train.py measures both).
 NON_POPULATION_FLAGS = {
-    "preset", "run_name", "runs_dir", "device_batch", "eval_batch", "compile", "log_every",
-    "checkpoint_minutes", "wandb_project",
+    "preset", "run_name", "runs_dir", "device_batch", "groups", "eval_batch", "compile", "log_every",
+    "checkpoint_minutes", "collective_timeout_minutes", "wandb_project",
 }
 
 
@@ -157,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--first-cycle-epochs", type=float, default=2.0,
                    help="length of the first cycle: a longer stretch before the first snapshot")
     g.add_argument("--groups", type=int, default=0,
-                   help="process groups bases are placed on (0: gcd(bases, world size)); must divide both")
+                   help="process groups bases are placed on (0: gcd(bases, world size)); must divide both; "
+                        "placement only: a resumed run may change it")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("cyclic schedule")
     g.add_argument("--lr-floor", type=float, default=0.08, help="LR multiplier at the end of each cycle")
@@ -185,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=10, help="steps between training-loss lines")
     g.add_argument("--checkpoint-minutes", type=float, default=30.0,
                    help="also checkpoint this often within a cycle (cycle ends always checkpoint)")
+    g.add_argument("--collective-timeout-minutes", type=float, default=10.0,
+                   help="a process that does not answer a collective (or, at the end, show signs of life) "
+                        "for this long fails the run with an error naming its rank")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the model (auto: on CUDA only)")
     g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs wandb installed)")
@@ -339,7 +351,8 @@ def range_errors(parser: argparse.ArgumentParser, args: argparse.Namespace, rang
 
 
 # =============================================================================================
-# Files: hashing and atomic writes (a crash never leaves half a file under a real name)
+# Files: hashing, atomic writes, one writer per run (a crash never leaves half a file under a
+# real name, and the same command, rerun, repairs whatever a crash left)
 # =============================================================================================
 
 def sha256_file(path) -> str:
@@ -350,15 +363,87 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def _atomic(path, write):
+# Fault injection for the crash tests: Q0_FAULT=kill:N SIGKILLs this process just before its N-th
+# commit (a rename, link or unlink that changes what a name holds), stop:N freezes it there
+# (SIGSTOP: a hung node), enospc:N makes that commit's write fail as on a full disk.
+# Q0_FAULT_RANK limits it to one torchrun rank. Nothing else reads these variables.
+_COMMITS = [0]
+
+
+def _fault(kind: str) -> bool:
+    """Count one commit; act on Q0_FAULT when this is the one it names."""
+    if kind == "commit":
+        _COMMITS[0] += 1
+    spec = os.environ.get("Q0_FAULT", "")
+    if not spec or os.environ.get("Q0_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return False
+    action, _, n = spec.partition(":")
+    if int(n) != _COMMITS[0] + (kind == "write"):
+        return False
+    if kind == "commit" and action in ("kill", "stop"):
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
+    return kind == "write" and action == "enospc"
+
+
+def _commit(op, *paths):
+    """Every change of what a name holds goes through here (os.replace, os.rename, os.link, unlink)."""
+    _fault("commit")
+    op(*paths)
+
+
+def _tmp_name(path: Path) -> Path:
+    """One temporary name per file, the same in every process: one writer per run (RunLock) and
+    per output (claim_output) means a rerun reuses what a killed writer left instead of adding to it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+class DiskError(UsageError):
+    """A write that the disk refused: full, or read-only. Nothing under a real name was touched."""
+
+
+def _disk_error(path: Path, size: int | None, err: BaseException) -> DiskError | None:
+    """One line for a full disk or a read-only folder; None for any other failure."""
+    code = getattr(err, "errno", None)
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return DiskError(f"cannot write {path}: {os.strerror(code)}; make {path.parent} writable (or write "
+                         f"elsewhere), then rerun the same command")
+    free = shutil.disk_usage(next(p for p in path.parents if p.exists())).free
+    # torch.save reports a full disk as a RuntimeError without errno ("unexpected pos ..."): the
+    # free space left says what happened
+    if code in (errno.ENOSPC, errno.EDQUOT) or (isinstance(err, RuntimeError) and free < max(size or 0, 1 << 20)):
+        need = f"{_human(size)}" if size else "more space"
+        return DiskError(f"no space left for {path}: it needs {need}, {_human(free)} free on its disk; free "
+                         f"some space (or write elsewhere), then rerun the same command")
+    return None
+
+
+def _atomic(path, write, size: int | None = None, replace: bool = True):
+    """Write through a temporary file, then commit it under its real name: os.replace, or with
+    replace=False os.link, which refuses a name that exists. `size`, the bytes the file will take,
+    turns a full disk into one line before anything is written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp_name(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if size is not None and shutil.disk_usage(path.parent).free < size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if _fault("write"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         write(tmp)
-        os.replace(tmp, path)
+        _commit(os.replace if replace else os.link, tmp, path)
+    except FileExistsError:
+        raise UsageError(f"{path} exists and is never overwritten; choose another path") from None
+    except (OSError, RuntimeError) as e:
+        raise _disk_error(path, size, e) or e
     finally:
-        if tmp.exists():
+        if os.path.lexists(tmp):  # (unlink of a missing name fails on a read-only disk)
             tmp.unlink()
 
 
@@ -370,21 +455,102 @@ def load_weights(path, device="cpu") -> dict:
     except Exception as e:  # noqa: BLE001 - UnpicklingError, a damaged zip, a missing file: one answer
         raise UsageError(f"{path} is not a q0 weights file that loads safely ({type(e).__name__}); move it away "
                          f"and rerun the command that wrote it") from None
+def _tensor_bytes(obj) -> int:
+    """What torch.save of obj takes on disk, generously: tensor payloads plus record overheads."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size() + 512
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values()) + 64
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj) + 64
+    return 64
+
+
+def _canonical(obj):
+    """The same values as the same bytes. pickle writes a string or tuple once and then refers to
+    it by identity, so an optimizer state loaded from a checkpoint (fresh key strings) pickled
+    differently from one built in this process (interned literals): strings interned, containers
+    rebuilt unshared, torch.save's output depends on the values alone."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
 
 
 def atomic_torch_save(obj, path):
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
+    obj = _canonical(obj)
+    _atomic(path, lambda tmp: torch.save(obj, tmp), size=_tensor_bytes(obj) + 65536)
 
 
-def atomic_write_text(path, text: str):
-    _atomic(path, lambda tmp: tmp.write_text(text))
+def atomic_write_text(path, text: str, replace: bool = True):
+    _atomic(path, lambda tmp: tmp.write_text(text), size=len(text.encode()), replace=replace)
 
 
 def atomic_save_npy(path, array: np.ndarray):
     def write(tmp):
         with open(tmp, "wb") as f:
             np.save(f, array)
-    _atomic(path, write)
+    _atomic(path, write, size=array.nbytes + 4096)
+
+
+def _lock(fd: int, exclusive_range: tuple[int, int] | None) -> bool:
+    """A POSIX record lock on [start, start+length) (length 0: to the end of the file and beyond),
+    released by the kernel when the process dies; False if another process holds part of it."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, exclusive_range[1], exclusive_range[0])
+        return True
+    except OSError:
+        return False
+
+
+class RunLock:
+    """One writer per run folder. Every process of a trainer holds its own 16-byte slot of
+    <run>/.lock (its pid written there) for its whole life; the first rank takes the whole file
+    at once before keeping slot 0, so it fails while any process of another trainer is alive
+    (torchrun's workers can outlive a kill of torchrun itself). A dead writer holds nothing."""
+
+    SLOT = 16
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = Path(run_dir) / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        whole = (0, 0) if rank == 0 else (rank * self.SLOT, self.SLOT)
+        if not _lock(self.fd, whole):
+            pids = self.holders()
+            os.close(self.fd)
+            raise UsageError(f"{run_dir} is in use by another trainer (pid {', '.join(pids) or 'unknown'}); "
+                             f"wait for it to finish or stop it, then rerun")
+        if rank == 0:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 0, self.SLOT)  # keep slot 0 only
+        os.pwrite(self.fd, f"{os.getpid():>{self.SLOT - 1}}\n".encode(), rank * self.SLOT)
+
+    def holders(self) -> list[str]:
+        """The pids written in the slots that another process holds now."""
+        raw = os.pread(self.fd, 1 << 20, 0)
+        out = []
+        for i in range(0, max(1, len(raw) // self.SLOT)):
+            if _lock(self.fd, (i * self.SLOT, self.SLOT)):
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, self.SLOT, i * self.SLOT)
+            else:
+                out.append(raw[i * self.SLOT:(i + 1) * self.SLOT].decode(errors="replace").strip() or "?")
+        return out
+
+
+def claim_output(path) -> int:
+    """Hold `path` for this process until it exits: an flock on the file's temporary name, which
+    a second fit_prior.py or eval.py writing the same file meets at once. Returns the fd (keep it)."""
+    tmp = _tmp_name(Path(path))
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UsageError(f"{path} is being written by another process; wait for it to finish") from None
+    return fd
 
 
 # =============================================================================================
@@ -1214,8 +1380,12 @@ def probs_to_cache(probs: np.ndarray) -> np.ndarray:
 # =============================================================================================
 
 def tokens_sha256(tokens: np.ndarray) -> str:
-    """Identity of a token sequence, independent of how it was stored."""
-    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i8").tobytes()).hexdigest()
+    """Identity of a token sequence, independent of how it was stored (hashed in chunks: the
+    training set of a real run is 100M tokens)."""
+    h = hashlib.sha256()
+    for s in range(0, tokens.size, 1 << 22):
+        h.update(np.ascontiguousarray(tokens[s:s + (1 << 22)], dtype="<i8").tobytes())
+    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -1261,7 +1431,8 @@ def load_data(args) -> RunData:
         val_bytes = val_file.text_bytes if (val_file.text_bytes is not None and val.size == val_file.tokens.size) \
             else None
     describe = {
-        "train": {"path": train_file.path, "format": train_file.format, "tokens": int(train.size)},
+        "train": {"path": train_file.path, "format": train_file.format, "tokens": int(train.size),
+                  "sha256": tokens_sha256(train)},
         "fitness": {"tokens": int(fitness.size), "targets": int(fitness.size - 1),
                     "sha256": tokens_sha256(fitness)},
         "val": {"path": val_file.path, "format": val_file.format, "tokens": int(val.size),
@@ -1308,10 +1479,20 @@ def read_json(path, fix: str) -> dict:
         raise UsageError(f"{path} is unreadable or not whole JSON ({type(e).__name__}); {fix}") from None
 
 
+SNAPSHOT_FILES = ("weights", "fitness_probs", "val_probs")
+
+
 def list_snapshots(run_dir) -> list[dict]:
-    """Snapshot records present on disk, in population order (cycle, then base)."""
+    """Snapshot records present on disk, in population order (cycle, then base). A record is the
+    snapshot's completion marker (written after its files, removed before them): one whose files
+    are gone was tampered with, and nothing may be computed from it."""
     records = [read_json(p, "move it away (with its snapshot files) and resume the run")
                for p in Path(run_dir, "snapshots").glob("b*c*.json")]
+    for r in records:
+        missing = [r[k] for k in SNAPSHOT_FILES if r.get(k) and not (Path(run_dir) / r[k]).is_file()]
+        if missing:
+            raise UsageError(f"snapshot {r['id']} of {run_dir} is missing {', '.join(missing)}; rerun its training "
+                             f"command to repair it")
     return sorted(records, key=lambda r: (r["cycle"], r["base"]))
 
 
@@ -1390,35 +1571,76 @@ class RunLog:
             self.wandb.log({f"{kind}/{k}": v for k, v in fields.items() if isinstance(v, (int, float))})
 
 
-def prepare_run_dir(args, data: RunData, model_cfg: GPTConfig, cycles: list[Cycle]) -> tuple[Path, bool]:
-    """Create the run, or check that a rerun means the same population. Returns (dir, resumed)."""
+def check_same_run(run_dir: Path, args, data: RunData):
+    """A rerun resumes only the same population trained on the same tokens (by content: data
+    replaced at the same path between a crash and the resume is caught)."""
+    run, pop = load_run(run_dir), population_config(args)
+    old = run["population_config"]
+    changed = sorted(k for k in set(old) | set(pop) if old.get(k) != pop.get(k))
+    if changed:
+        flags = ", ".join(f"--{k.replace('_', '-')} ({old.get(k)} -> {pop.get(k)})" for k in changed)
+        raise UsageError(f"run {run_dir} exists with a different population: {flags}; "
+                         f"rerun with its flags to resume, or choose a new --run-name")
+    for split in ("train", "fitness", "val"):
+        was, now = run[split].get("sha256"), data.describe[split]["sha256"]
+        if was is not None and was != now:
+            where = data.describe["val" if split == "val" else "train"]["path"]
+            raise DataError(f"the {split} tokens in {where} differ from those run {run_dir} trained on (sha256 "
+                            f"{was[:12]}, now {now[:12]}); restore that data, or choose a new --run-name")
+
+
+def sweep_temporaries(run_dir: Path) -> int:
+    """Remove the temporary files killed writers left (each as large as its file); only the run's
+    lock holder calls this, so no live writer owns them."""
+    litter = [p for folder in ("snapshots", "checkpoints") for p in (run_dir / folder).glob(".*.tmp*")]
+    litter += [p for name in ("run.json", "manifest.json") for p in run_dir.glob(f".{name}.tmp*")]
+    for p in litter:
+        p.unlink(missing_ok=True)
+    return len(litter)
+
+
+def _mkdir(path: Path):
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _disk_error(path, None, e) or e
+
+
+def prepare_run_dir(args, data: RunData, model_cfg: GPTConfig, cycles: list[Cycle]) -> tuple[Path, bool, RunLock]:
+    """Create the run, or check that a rerun means the same population on the same data; either
+    way take the run's lock. Returns (dir, resumed, lock). A new run is built under a temporary
+    name and renamed into place, so a folder under the run's name is complete; a half-built one a
+    crash left is rebuilt by the rerun."""
     run_dir = Path(args.runs_dir) / args.run_name
-    pop = population_config(args)
     if (run_dir / "run.json").exists():
+        lock = RunLock(run_dir, 0)
         check_run_version(load_run(run_dir), run_dir)
-        old = load_run(run_dir)["population_config"]
-        changed = sorted(k for k in set(old) | set(pop) if old.get(k) != pop.get(k))
-        if changed:
-            flags = ", ".join(f"--{k.replace('_', '-')} ({old.get(k)} -> {pop.get(k)})" for k in changed)
-            raise UsageError(f"run {run_dir} exists with a different population: {flags}; "
-                             f"rerun with its flags to resume, or choose a new --run-name")
-        return run_dir, True
+        check_same_run(run_dir, args, data)
+        sweep_temporaries(run_dir)
+        return run_dir, True, lock
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"{run_dir} exists and is not a q0 run; choose another --run-name or --runs-dir")
-    (run_dir / "snapshots").mkdir(parents=True, exist_ok=True)
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    building = _tmp_name(run_dir)
+    _mkdir(building / "snapshots")
+    _mkdir(building / "checkpoints")
+    lock = RunLock(building, 0)
     epochs_per_base = sum(c.epochs for c in cycles)
     run = {
         "format": "q0-run", "version": RUN_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "population_config": pop, "model": dataclasses.asdict(model_cfg),
+        "population_config": population_config(args), "model": dataclasses.asdict(model_cfg),
         "tokenizer": data.tokenizer, "vocab_size": data.vocab_size, "bos_id": data.bos_id,
         "seq_len": args.seq_len, **data.describe,
         "layout": {"bases": args.bases, "cycles": [dataclasses.asdict(c) for c in cycles],
                    "epochs_per_base": epochs_per_base, "epoch_budget": epochs_per_base * args.bases},
     }
-    atomic_write_text(run_dir / "run.json", json.dumps(run, indent=1))
-    return run_dir, False
+    atomic_write_text(building / "run.json", json.dumps(run, indent=1))
+    try:
+        _commit(os.rename, building, run_dir)  # an empty folder of that name is replaced
+    except OSError as e:
+        raise _disk_error(run_dir, None, e) or UsageError(
+            f"{run_dir} appeared while this run was being created ({e.strerror}); rerun to resume it") from None
+    return run_dir, False, lock
 
 
 def log_header(log: RunLog, args, world: int):
@@ -1525,7 +1747,8 @@ def make_layout(args, world: int, rank: int, cycles: list[Cycle]) -> Layout:
     group = None
     for g in range(groups):  # every rank must take part in creating every group
         ranks = list(range(g * size, (g + 1) * size))
-        pg = dist.new_group(ranks) if world > 1 else None
+        pg = dist.new_group(ranks, timeout=datetime.timedelta(minutes=args.collective_timeout_minutes)) \
+            if world > 1 else None
         if g == index and size > 1:
             group = pg
     return Layout(world, rank, groups, index, group, size, rank - index * size,
@@ -1544,6 +1767,34 @@ def micro_batches_of(group_rank: int, group_size: int, micro_batches: int) -> li
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+class RowDropout(torch.overrides.TorchFunctionMode):
+    """Dropout masks drawn per sequence of the global batch. While active, every F.dropout (and so
+    nn.Dropout) call draws row r's mask from row r's own generator, seeded by its position in the
+    global batch: how the batch is cut into micro-batches and spread over processes changes no
+    mask, so --device-batch and --groups are placement, not population. The model is unchanged."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        super().__init__()
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            return self.dropout(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def dropout(self, x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        rows = len(self.generators)
+        if x.size(0) % rows:
+            raise RuntimeError(f"dropout on a tensor of leading size {x.size(0)}, not a multiple of the "
+                               f"{rows} rows of the micro-batch: RowDropout cannot tell rows apart")
+        n = x.numel() // rows  # a row's elements are contiguous in the leading dimension
+        keep = torch.stack([torch.rand(n, generator=g, device=x.device) for g in self.generators]) >= p
+        return x * keep.view(x.shape).to(x.dtype) * (1.0 / (1.0 - p))
 
 
 def snapshot_state(model: GPT, device: torch.device) -> dict:
@@ -1614,9 +1865,10 @@ class BaseTrainer:
         self.step, self.cycles_done = ckpt["step"], ckpt["cycles_done"]
         stale = [] if not self.leader else [
             p for c in range(self.cycles_done + 1, len(self.cycles) + 1)
-            for p in (self.run_dir / "snapshots").glob(f"{snapshot_id(self.base, c)}.*")]
-        for p in stale:  # written after the checkpoint by the interrupted run: recomputed below
-            p.unlink()
+            for p in sorted((self.run_dir / "snapshots").glob(f"{snapshot_id(self.base, c)}.*"),
+                            key=lambda p: p.suffix != ".json")]
+        for p in stale:  # written after the checkpoint by the interrupted run: recomputed below. The
+            _commit(p.unlink)  # record (.json, the completion marker) goes first, its files after
         self.log.line(f"[b{self.base}] resumed at step {self.step} after {self.cycles_done} cycles"
                       + (f"; removed {len(stale)} files of unfinished snapshots" if stale else ""))
 
@@ -1640,9 +1892,10 @@ class BaseTrainer:
         loss_sum = torch.zeros((), device=self.device)
         for a, k in enumerate(mine):
             rows = torch.from_numpy(batch[k * args.device_batch:(k + 1) * args.device_batch]).to(self.device)
-            torch.manual_seed(_seed(args.seed, self.base, self.step, k))  # dropout masks follow the data
+            seeds = [_seed(args.seed, self.base, self.step, r) for r in range(k * args.device_batch,
+                                                                             (k + 1) * args.device_batch)]
             sync = nullcontext() if (self.ddp is None or a == accum - 1) else self.ddp.no_sync()
-            with sync:
+            with sync, RowDropout(seeds, self.device):  # dropout masks follow the rows
                 with autocast_for(self.device):
                     logits, mtp = self.forward(rows[:, :-1], rows[:, 1:])
                     teacher_logits = None
@@ -1799,16 +2052,80 @@ def model_config(args, vocab_size: int) -> GPTConfig:
     return cfg
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
+def setup_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
     if "RANK" not in os.environ:
         return 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timeout = datetime.timedelta(minutes=timeout_minutes)  # torch's default is 30 minutes (gloo)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
         return dist.get_world_size(), dist.get_rank(), torch.device("cuda", local)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return dist.get_world_size(), dist.get_rank(), torch.device("cpu")
+
+
+class PeerTimeout(UsageError):
+    pass
+
+
+class Peers:
+    """Signs of life of every process through the rendezvous store: a daemon thread bumps this
+    process's counter every few seconds, and a stopped (hung node) or dead process stops bumping.
+    So a failed collective can name the rank that stopped answering, and the end of training waits
+    for slower process groups as long as they are alive, not for a fixed time."""
+
+    def __init__(self, world: int, rank: int, timeout_minutes: float):
+        self.world, self.rank, self.timeout_s = world, rank, timeout_minutes * 60
+        self.beat_s = min(2.0, self.timeout_s / 4)
+        self.store = dist.distributed_c10d._get_default_store()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
+
+    def _beat(self):
+        while not self.stopping.is_set():
+            try:
+                self.store.add(f"q0/alive/{self.rank}", 1)
+            except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
+                return
+            self.stopping.wait(self.beat_s)
+
+    def close(self):
+        """Stop beating before the process group (and its store) goes: a store call in flight at
+        teardown aborts the process ("terminate called without an active exception")."""
+        self.stopping.set()
+        self.thread.join()
+
+    def _beats(self, ranks) -> dict[int, int]:
+        return {r: self.store.add(f"q0/alive/{r}", 0) for r in ranks}
+
+    def silent(self) -> list[int]:
+        """Ranks that show no sign of life over three beats."""
+        try:
+            before = self._beats(range(self.world))
+            time.sleep(3 * self.beat_s)
+            return [r for r, n in self._beats(range(self.world)).items() if n == before[r]]
+        except Exception:  # noqa: BLE001 - no store, no names
+            return []
+
+    def join(self):
+        """Wait until every process has finished, failing if an unfinished one shows no sign of
+        life for the collective timeout."""
+        self.store.add(f"q0/done/{self.rank}", 1)
+        last = {r: (-1, time.monotonic()) for r in range(self.world)}
+        while waiting := [r for r in range(self.world) if self.store.add(f"q0/done/{r}", 0) == 0]:
+            now = time.monotonic()
+            for r, n in self._beats(waiting).items():
+                if n != last[r][0]:
+                    last[r] = (n, now)
+                elif now - last[r][1] > self.timeout_s:
+                    raise PeerTimeout(self.hung_message([r]))
+            time.sleep(min(1.0, self.beat_s))
+
+    def hung_message(self, ranks: list[int]) -> str:
+        return (f"rank {', '.join(map(str, ranks))} stopped answering for --collective-timeout-minutes "
+                f"{self.timeout_s / 60:g} (its process or node hung or died); rerun the same command to resume")
 
 
 def main(argv=None) -> int:
@@ -1818,7 +2135,26 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
-    world, rank, device = setup_distributed()
+    world, rank, device = setup_distributed(args.collective_timeout_minutes)
+    peers = Peers(world, rank, args.collective_timeout_minutes) if world > 1 else None
+    try:
+        return train(args, world, rank, device, peers)
+    except UsageError as e:  # a full disk, a tampered snapshot, a hung peer: whichever rank meets it says so
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except RuntimeError:  # a collective that failed (torch.distributed's errors are RuntimeErrors)
+        silent = [r for r in peers.silent() if r != rank] if peers else []
+        if not silent:
+            raise
+        print(f"error: {peers.hung_message(silent)}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if peers is not None:
+            peers.close()
+
+
+def train(args, world: int, rank: int, device: torch.device, peers: Peers | None) -> int:
+    lock = None  # RunLock: held (its fd open) until this process exits
     try:
         data = load_data(args)
         cfg = model_config(args, data.vocab_size)
@@ -1829,7 +2165,7 @@ def main(argv=None) -> int:
         run_dir = Path(args.runs_dir) / args.run_name
         resumed = False
         if rank == 0:
-            run_dir, resumed = prepare_run_dir(args, data, cfg, cycles)
+            run_dir, resumed, lock = prepare_run_dir(args, data, cfg, cycles)
         ok = [True]
     except UsageError as e:
         if rank == 0:
@@ -1843,8 +2179,11 @@ def main(argv=None) -> int:
         dist.broadcast_object_list(ok, src=0)
     if not ok[0]:
         if world > 1:
+            peers.close()
             dist.destroy_process_group()
         return 2
+    if rank > 0 and layout.group_rank == 0 and lock is None:
+        lock = RunLock(run_dir, rank)  # every writer holds its slot of the run's lock for its life
 
     wandb_run = None
     if args.wandb_project and rank == 0:
@@ -1877,8 +2216,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             log.line(f"error: {e}", echo=False)
         return 2
-    if world > 1:
-        dist.barrier()
+    if peers is not None:
+        peers.join()  # slower groups may still be training: wait while they are alive
     if rank == 0:
         records = list_snapshots(run_dir)
         manifest = {**load_run(run_dir), "snapshots": records}
@@ -1889,6 +2228,7 @@ def main(argv=None) -> int:
                  f"{pop['best_single_val_loss']:.4f} ({pop['best_single']}) | uniform ensemble val {uniform} | "
                  f"next: python fit_prior.py {run_dir} && python eval.py {run_dir} --prior {run_dir}/prior.json")
     if world > 1:
+        peers.close()
         dist.destroy_process_group()
     return 0
 

@@ -2,6 +2,7 @@
 helper that runs train_q0.py on it. Short documents keep the fitness set (whole documents from
 the front of the training data) small, so a whole population trains in seconds."""
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,13 +55,22 @@ TINY = ["--preset", "tiny", "--fitness-tokens", "1000", "--train-tokens", "4096"
 
 
 def run_train(data_dir: Path, runs_dir: Path, *flags: str, launcher=(sys.executable,), check=True,
-              timeout=300) -> subprocess.CompletedProcess:
+              timeout=300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """train_q0.py on the tiny preset; `env` adds environment variables (Q0_FAULT for the crash tests)."""
     cmd = [*launcher, str(REPO / "train_q0.py"), *TINY, "--data-dir", str(data_dir), "--runs-dir", str(runs_dir),
            *flags]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                            env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 
 TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def pytest_configure(config):
+    """Tests marked slow (the whole crash campaign) run only when asked: pytest -m slow."""
+    config.addinivalue_line("markers", "slow: long tests, deselected unless -m selects them (pytest -m slow)")
+    if not config.option.markexpr:
+        config.option.markexpr = "not slow"

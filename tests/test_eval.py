@@ -1,5 +1,6 @@
 """eval.py on synthetic run directories (cached path) and on a tiny real run from train_q0
 (cached vs forward passes, one process vs two)."""
+import hashlib
 import json
 import os
 import shutil
@@ -142,3 +143,46 @@ def test_two_processes_equal_one(real_run, tmp_path):
     # Same members, same windows; only the order of float64 additions (and fp32 kernels picked
     # for another thread count) differ.
     assert max(abs(a[k] - b[k]) for k in a) <= 1e-6
+
+
+def test_an_interrupted_eval_is_completed_by_the_rerun(population):
+    """eval.md is committed first, eval.json (the completion marker) last: killed in between (it was
+    the other way round), the rerun writes both; a finished eval is never overwritten."""
+    run, _, _ = population
+    args = [sys.executable, str(REPO / "eval.py"), str(run), "--prior", str(run / "prior.json")]
+    for n in (1, 2):  # before the .md is committed; after it, before the .json
+        r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env={**os.environ, "Q0_FAULT": f"kill:{n}"})
+        assert r.returncode == -9, r.stderr
+    assert (run / "eval.md").exists() and not (run / "eval.json").exists()
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "eval.json").read_text())["uniform"]["forward_passes"] == 6
+    assert (run / "eval.md").read_text().startswith("# q0 evaluation")
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert_clean_error(subprocess.run(args, cwd=REPO, capture_output=True, text=True), "eval.json exists")
+
+
+def test_a_prior_knows_its_population(tmp_path):
+    """A prior fitted while the run trained (4 of 6 snapshots) is used with a note naming the two it
+    never saw; a prior member that changed, even one outside every budget, refuses the prior."""
+    fit, val = synthetic(6, 400, seed=5), synthetic(6, 300, seed=6)
+    run = make_run(tmp_path, "a", fit[:4], val[:4], bases=2)
+    assert cli("fit_prior.py", run, "--budgets", "1").returncode == 0
+    later = make_run(tmp_path / "later", "a", fit, val, bases=2)  # the run went on: b0c2, b1c2 arrived
+    for p in (later / "snapshots").glob("b?c2.*"):
+        shutil.copy(p, run / "snapshots" / p.name)
+    r = cli("eval.py", run, "--prior", run / "prior.json")
+    assert r.returncode == 0, r.stderr
+    assert "fitted on 4 of the 6 snapshots; it gives no weight to" in r.stderr and "a:b1c2" in r.stderr
+    res = json.loads((run / "eval.json").read_text())
+    assert res["prior"]["snapshots_not_in_prior"] == [f"{run}:b0c2", f"{run}:b1c2"]
+    assert "fitted on 4 of the 6 snapshots" in (run / "eval.md").read_text()
+    prior = json.loads((run / "prior.json").read_text())
+    top = prior["budgets"][0]["members"][0]["id"]
+    other = next(m["id"] for m in prior["members"] if m["id"] != top)
+    (run / "snapshots" / f"{other}.pt").write_bytes(b"retrained")  # retrained: new weights, new record
+    rec = json.loads((run / "snapshots" / f"{other}.json").read_text())
+    rec["weights_sha256"] = hashlib.sha256(b"retrained").hexdigest()
+    (run / "snapshots" / f"{other}.json").write_text(json.dumps(rec))
+    assert_clean_error(cli("eval.py", run, "--prior", run / "prior.json", "--out", tmp_path / "e2.json"),
+                       f"snapshot {run}:{other} changed since")

@@ -5,6 +5,7 @@ snapshots/bBcC.json records, fp16 .fitness.npy/.val.npy caches); test_eval.py re
 """
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,31 @@ def test_cli_bad_inputs(tmp_path):
     (a / "snapshots" / "b0c1.fitness.npy").unlink()
     assert_clean_error(cli("fit_prior.py", a), "missing")
     assert not (a / "prior.json").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_cli_refuses_a_snapshot_record_without_its_files(tmp_path):
+    """A record (the completion marker) whose weights are gone is never trusted: a crash while the
+    trainer removed an unfinished snapshot could once leave one, and a prior was fitted on it."""
+    run = make_run(tmp_path, "a", synthetic(3, 50, seed=1), None)
+    (run / "snapshots" / "b0c1.pt").unlink()
+    assert_clean_error(cli("fit_prior.py", run), "b0c1", "is missing snapshots/b0c1.pt", "rerun its training command")
+    assert not (run / "prior.json").exists()
+
+
+def test_cli_a_second_writer_of_the_same_prior_is_refused(tmp_path):
+    import train_q0
+    run = make_run(tmp_path, "a", synthetic(3, 50, seed=1), None)
+    held = train_q0.claim_output(run / "prior.json")  # another fit_prior.py, writing it now
+    assert_clean_error(cli("fit_prior.py", run), "prior.json is being written by another process")
+    os.close(held)  # that writer died: its lock went with it
+    assert cli("fit_prior.py", run).returncode == 0
+    assert (run / "prior.json").is_file() and not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary
+
+
+def test_cli_notes_a_run_still_training(tmp_path):
+    run = make_run(tmp_path, "a", synthetic(2, 50, seed=1), None)
+    meta = json.loads((run / "run.json").read_text())
+    meta["layout"] = {"bases": 1, "cycles": [{}, {}, {}]}
+    (run / "run.json").write_text(json.dumps(meta))
+    r = cli("fit_prior.py", run)
+    assert r.returncode == 0 and f"note: {run} has 2 of its 3 snapshots (still training?)" in r.stdout
