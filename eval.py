@@ -350,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@fit_prior.releasing_claims
 def main(argv=None):
     args = fit_prior.parse_checked(build_parser(), RANGES, argv)
     try:

@@ -396,15 +396,32 @@ def parse_budgets(text: str | None, m: int) -> list[int]:
 # Output
 # ---------------------------------------------------------------------------------------------
 
+_CLAIMS: list[int] = []  # outputs this command holds (their lock fds), released when it returns
+
+
 def claim(path: Path, flag: str = "--out") -> int:
-    """Refuse an output that exists, and hold it against a second writer until this process exits
+    """Refuse an output that exists, and hold it against a second writer until the command ends
     (train_q0.claim_output): checked before any work, so nothing is computed for nothing."""
     if path.exists():
         die(f"{path} exists and is never overwritten; choose another path with {flag}")
     try:
-        return train_q0.claim_output(path)
+        _CLAIMS.append(train_q0.claim_output(path))
     except train_q0.UsageError as e:
         die(str(e))
+    except OSError as e:  # a read-only folder, a path under a file
+        die(f"cannot write {path} ({e.strerror}); choose a writable path with {flag}")
+    return _CLAIMS[-1]
+
+
+def releasing_claims(command):
+    """Run a command's main and release its outputs however it ends (one process may run several)."""
+    def run(argv=None):
+        try:
+            return command(argv)
+        finally:
+            while _CLAIMS:
+                os.close(_CLAIMS.pop())
+    return run
 
 
 def write_new(path: Path, text: str, flag: str = "--out", replace: bool = False):
@@ -497,6 +514,7 @@ def parse_checked(parser: argparse.ArgumentParser, ranges: dict, argv=None) -> a
     return args
 
 
+@releasing_claims
 def main(argv=None):
     args = parse_checked(build_parser(), RANGES, argv)
 
