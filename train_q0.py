@@ -330,7 +330,7 @@ RANGES = {
     "batch_schedule": at_least(0, lo_open=True),
     "distill_from_cycle": at_least(0), "distill_alpha": UNIT, "distill_temperature": at_least(0, lo_open=True),
     "runs_dir": PATH, "run_name": TEXT, "val_probs": CHOICE, "eval_batch": at_least(1), "log_every": at_least(1),
-    "checkpoint_minutes": at_least(0, lo_open=True), "compile": CHOICE, "wandb_project": TEXT,
+    "checkpoint_minutes": at_least(0), "compile": CHOICE, "wandb_project": TEXT,
     "collective_timeout_minutes": at_least(0, lo_open=True),
 }
 

@@ -359,9 +359,7 @@ def one_step_weights(small_data, tmp_path, device_batch: int) -> dict:
     """The weights after one optimiser step from the same (random, non-degenerate) weights."""
     args = q0.parse_args([*TINY, "--data-dir", str(small_data), "--device-batch", str(device_batch)])
     data = q0.load_data(args)
-    cfg = q0.GPTConfig(vocab_size=data.vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
-                       mlp_hidden=args.mlp_hidden, seq_len=args.seq_len, short_window=args.short_window,
-                       dropout=args.dropout)
+    cfg = q0.model_config(args, data.vocab_size)
     cycles = q0.plan_cycles(args, data.train.size)
     trainer = q0.BaseTrainer(args, 0, q0.make_layout(args, 1, 0, cycles), data, cfg, cycles, tmp_path,
                              q0.RunLog(tmp_path, False), torch.device("cpu"))
@@ -375,10 +373,11 @@ def one_step_weights(small_data, tmp_path, device_batch: int) -> dict:
 
 def test_device_batch_moves_only_the_reduction_order(small_data, tmp_path):
     """Dropout masks are drawn per sequence of the global batch, so one step with the batch of 8 in
-    one micro-batch, in 4 or in 8 gives the same weights up to float rounding (masks drawn per
-    micro-batch moved them by ~10% of their norm: a population flag in disguise)."""
+    one micro-batch, in 4 or in 8 gives the same weights up to float rounding, which Muon's bf16
+    Polar Express turns into about 1e-3 of a matrix's norm (masks drawn per micro-batch moved them
+    by 0.79 of it: a population flag in disguise)."""
     ref = one_step_weights(small_data, tmp_path, 8)
     for device_batch in (2, 1):
         got = one_step_weights(small_data, tmp_path, device_batch)
         gap = max(((ref[k] - got[k]).norm() / ref[k].norm()).item() for k in ref)
-        assert gap < 1e-5, (device_batch, gap)
+        assert gap < 1e-2, (device_batch, gap)
