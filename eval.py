@@ -71,14 +71,11 @@ def _prior_weightings(path: Path, prior: dict, members, ks):
     out = []
     for k in sorted(ks or budgets):
         b, idx = budgets[k], []
-        for ref in b["members"]:
+        for ref in b["members"]:  # population_check has matched every member to the disk
             i = where.get(((path.parent / ref["run"]).resolve(), ref["id"]))
-            if i is None:
-                die(f"{path} names snapshot {ref['id']} of {path.parent / ref['run']}, which is gone "
-                    f"(or its run was not given); refit with fit_prior.py")
-            if members[i].record["weights_sha256"] != ref["weights_sha256"]:
-                die(f"snapshot {members[i].name} changed since {path} was fitted (weights SHA-256 "
-                    f"differs); refit with fit_prior.py")
+            if i not in fitted_on:
+                die(f"{path}: budget K={k} names snapshot {ref['id']}, which is not in its population; "
+                    f"refit with fit_prior.py")
             idx.append(i)
         for kind in ("renormalised", "refitted"):
             w = np.zeros(len(members))

@@ -122,11 +122,8 @@ def incomplete_records(run_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fault_data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("fault_data")
-    write_bytes_shard(folder / "train.q0t", documents(shakespeare_paragraphs("hamlet"))[:40])
-    write_bytes_shard(folder / "val.q0t", documents(shakespeare_paragraphs("macbeth"))[:5])
-    return folder
+def fault_data(small_data) -> Path:
+    return small_data  # read only: a test that changes data works on a copy
 
 
 @pytest.fixture(scope="module")
