@@ -29,6 +29,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -264,12 +265,16 @@ def report(a, single, baseline, allocations, q0) -> dict:
         reach = epochs_to_reach([(r["q0_epochs_spent"], mean(r[key])) for r in rows], mean(base_best["baseline"]))
         ratios[key] = {"baseline_best_loss": mean(base_best["baseline"]), "baseline_epochs": spent,
                        "q0_epochs_to_match": reach, "ratio": spent / reach if reach else None}
-    record = [copy_record_run(a.runs / r["run"]) for r in q0[budgets[-1]]]
+    record = [copy_record_run(a.runs / r["run"], a.out_dir) for r in q0[budgets[-1]]]
+    log = (a.runs / q0[budgets[-1]][0]["run"] / "log.txt").read_text()
+    params = int(re.search(r"\] ([\d,]+) parameters", log).group(1).replace(",", ""))
     summary = {"budgets": a.budgets, "seeds": a.seeds, "single": single, "baseline": baseline,
-               "allocations": allocations, "q0": q0, "table": rows, "ratios": ratios, "record_runs": record}
-    (HERE / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (HERE / "study.md").write_text(markdown(summary) + "\n")
-    plot(summary, HERE / "study.png")
+               "allocations": allocations, "q0": q0, "table": rows, "ratios": ratios, "record_runs": record,
+               "parameters": params}
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    (a.out_dir / "study.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (a.out_dir / "study.md").write_text(markdown(summary) + "\n")
+    plot(summary, a.out_dir / "study.png")
     return summary
 
 
@@ -277,10 +282,10 @@ RECORD_FILES = ("run.json", "log.txt", "metrics.jsonl", "manifest.json", "prior.
                 "eval.png", "prior-k6.json", "eval-k6.json", "eval-k6.md")
 
 
-def copy_record_run(run_dir: Path) -> dict:
+def copy_record_run(run_dir: Path, out_dir: Path) -> dict:
     """The largest budget's q0 runs are the record: their logs, prior and evaluation (not the
     snapshot weights) go beside this file, under runs/."""
-    dest = HERE / "runs" / run_dir.name
+    dest = out_dir / "runs" / run_dir.name
     dest.mkdir(parents=True, exist_ok=True)
     for name in RECORD_FILES:
         if (run_dir / name).is_file():
@@ -311,6 +316,8 @@ def markdown(s: dict) -> str:
         reach = f"{r['q0_epochs_to_match']:.1f}" if r["q0_epochs_to_match"] else "not reached"
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
         out.append(f"| {names[key]} | {r['baseline_best_loss']:.4f} | {fmt(r['baseline_epochs'])} | {reach} | {ratio} |")
+    if not s["allocations"]:
+        return "\n".join(out)
     out += ["", "Allocations tried (seed 0; bases x first stretch + cycles x cycle length):", "",
             "| budget | bases | first | cycle | snapshots | q0 prior val | prior fitness | uniform val | best snapshot val |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -331,6 +338,7 @@ def plot(s: dict, path: Path):
         print("matplotlib is not installed: no study.png (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    params = f"{s['parameters'] / 1e6:.2f}M" if s.get("parameters") else "0.95M"
     series = [("single_own_schedule", "single model, own schedule of E epochs", "tab:gray", ":"),
               ("best_single", "best single model (<= E epochs)", "black", "-"),
               ("baseline", "ensemble baseline (independent members)", "tab:blue", "-"),
@@ -349,7 +357,7 @@ def plot(s: dict, path: Path):
         ax.grid(alpha=0.3)
     axes[1].set_ylim(1.9, 2.3)
     axes[1].set_title("zoom: 8 to 64 epochs (single model's own schedule leaves the chart)", fontsize=9)
-    axes[0].set_title(f"q0 on a CPU: bytes Shakespeare, 32K train tokens, 0.95M params, {len(s['seeds'])} seeds",
+    axes[0].set_title(f"q0 on a CPU: bytes Shakespeare, 32K train tokens, {params} params, {len(s['seeds'])} seeds",
                       fontsize=9)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -365,13 +373,19 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="training runs side by side (one thread each)")
     ap.add_argument("--stage", choices=["single", "allocations", "baseline", "q0", "report"], default="report",
                     help="run the stages up to and including this one")
+    ap.add_argument("--no-allocations", action="store_true",
+                    help="skip the allocation search (the --epochs recipe is already chosen)")
+    ap.add_argument("--out-dir", type=Path, default=HERE, help="where study.json/.md/.png and the record's logs go")
     a = ap.parse_args()
     a.runs_dir.mkdir(parents=True, exist_ok=True)
     a.runs = a.runs_dir
     order = ["single", "allocations", "baseline", "q0", "report"]
     upto = order.index(a.stage)
+    if upto >= 3 and a.no_allocations:  # q0's populations first: they are what later studies build on
+        train_all(a.runs, [(f"q0-e{fmt(e)}-s{s}", ["--epochs", fmt(e), "--seed", str(s)])
+                           for e in sorted(a.budgets, reverse=True) for s in a.seeds], a.workers)
     single = stage_single(a)
-    allocations = stage_allocations(a, single) if upto >= 1 else None
+    allocations = stage_allocations(a, single) if upto >= 1 and not a.no_allocations else None
     baseline = stage_baseline(a, single) if upto >= 2 else None
     q0 = stage_q0(a, baseline) if upto >= 3 else None
     if upto >= 4:
