@@ -260,6 +260,52 @@ def atomic_save_npy(path, array: np.ndarray):
 
 
 # =============================================================================================
+# Collectives: every one goes through these, on the device its group's backend takes
+# =============================================================================================
+# NCCL takes CUDA tensors only, gloo takes CPU tensors. Each helper looks the group's backend up
+# by the device type the group serves and hands it the tensor on the device that backend takes,
+# so no caller can give NCCL a host tensor (the crash this prevents: an all_reduce of a CPU tensor
+# under NCCL raises "No backend type associated with device type cpu"). The tests run them in a
+# "cuda:gloo" group, which refuses CPU tensors through torch.distributed's own calls as NCCL does,
+# so a collective that bypasses these fails there.
+# Pinned torch internals (torch 2.5 to 2.13): ProcessGroup._device_types, ProcessGroup._get_backend
+# and the backend objects' allreduce / allgather / broadcast returning a Work.
+
+def group_backend(group=None):
+    """(backend, device it takes) of a process group (None: the world)."""
+    group = group if group is not None else dist.group.WORLD
+    types = [d.type for d in group._device_types]
+    backend = group._get_backend(torch.device("cuda" if "cuda" in types else types[0]))
+    if "NCCL" in type(backend).__name__:
+        return backend, torch.device("cuda", torch.cuda.current_device())
+    return backend, torch.device("cpu")
+
+
+def all_reduce_(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `t` over the group, in place; `t` may live anywhere."""
+    backend, device = group_backend(group)
+    x = t if t.device == device else t.to(device)
+    backend.allreduce([x]).wait()
+    if x is not t:
+        t.copy_(x)
+    return t
+
+
+def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape everywhere), in rank order, on `t`'s device."""
+    backend, device = group_backend(group)
+    x = t.contiguous() if t.device == device else t.to(device).contiguous()
+    out = [torch.empty_like(x) for _ in range(backend.size())]
+    backend.allgather([out], [x]).wait()
+    return out if t.device == device else [o.to(t.device) for o in out]
+
+
+def barrier(group=None):
+    """A barrier that is an all_reduce of one number, so it runs wherever all_reduce_ does."""
+    all_reduce_(torch.zeros(1), group)
+
+
+# =============================================================================================
 # Data: one shard format, plus the two formats Slowrun and modded-nanogpt users have on disk
 # =============================================================================================
 # .q0t layout (little-endian): a 256-byte header, then num_tokens token ids.
@@ -797,13 +843,15 @@ def autocast_for(device: torch.device):
 def token_probs(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, device, group=None) -> np.ndarray:
     """p(true next token) for every target tokens[1:], in windows of seq_len that each start a
     fresh context (the last window shorter). With a process group, windows are spread over its
-    ranks and the result is summed, so every rank returns the whole array."""
+    ranks and the result is summed, so every rank returns the whole array. Probabilities stay on
+    the device until the end: one copy to the host, and the reduction runs where the group's
+    backend wants it (all_reduce_)."""
     device = torch.device(device)
     n_targets = tokens.size - 1
     starts = list(range(0, n_targets, seq_len))
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     mine = starts[rank::world]
-    out = np.zeros(n_targets, dtype=np.float32)
+    out = torch.zeros(n_targets, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
     full = [s for s in mine if s + seq_len <= n_targets]
@@ -812,19 +860,17 @@ def token_probs(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, d
     for batch in batches:
         length = min(seq_len, n_targets - batch[0])
         window = np.stack([tokens[s:s + length + 1] for s in batch]).astype(np.int64)
-        w = torch.from_numpy(window).to(device)
+        w = torch.from_numpy(window).to(device, non_blocking=True)
         with autocast_for(device):
             logits = model(w[:, :-1])
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, w[:, 1:, None]).squeeze(-1)
-        p = logp.exp().cpu().numpy()
-        for row, s in enumerate(batch):
-            out[s:s + length] = p[row]
+        logits = logits.float()  # log p(y) = z_y - logsumexp(z): no [B, T, V] log-softmax copy
+        logp = logits.gather(-1, w[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        where = (torch.tensor(batch)[:, None] + torch.arange(length)).flatten().to(device, non_blocking=True)
+        out.index_copy_(0, where, logp.exp().flatten())
     model.train(was_training)
     if world > 1:
-        t = torch.from_numpy(out)
-        dist.all_reduce(t, group=group)  # each position was filled by exactly one rank
-        out = t.numpy()
-    return out
+        all_reduce_(out, group)  # each position was filled by exactly one rank
+    return out.cpu().numpy()
 
 
 def mean_nll(probs: np.ndarray) -> float:
@@ -1247,6 +1293,12 @@ class BaseTrainer:
             self.log.event("population", base=self.base, after=sid, **pop)
 
     # --- the whole trajectory ----------------------------------------------------------------
+    def synced_clock(self) -> float:
+        """perf_counter once the device has finished the work queued so far."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def run(self):
         args, total_steps = self.args, self.cycles[-1].first_step + self.cycles[-1].steps
         self.resume()
@@ -1254,23 +1306,24 @@ class BaseTrainer:
             self.log.line(f"[b{self.base}] already complete")
             return
         self.last_checkpoint = time.time()
-        tokens_done, train_seconds = 0, 0.0  # training steps only: evaluation is not in tokens/s
+        # tokens/s counts training steps only (not evaluation or checkpoints). The clock is read
+        # at log points and checkpoints, after a device sync: no per-step sync stalls the queue.
+        tokens_done, train_seconds = 0, 0.0
         for cycle in self.cycles[self.cycles_done:]:
             distill = 0 < args.distill_from_cycle <= cycle.index and cycle.index > 1
             if distill and self.teacher is None:
                 self.load_teacher(cycle.index - 1)
+            mark = self.synced_clock()
             for i in range(self.step - cycle.first_step, cycle.steps):
-                t0 = time.perf_counter()
                 loss = self.train_step(cycle, i, distill)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                train_seconds += time.perf_counter() - t0
                 tokens_done += cycle.batch_seqs * args.seq_len
                 if self.step % args.log_every == 0 or i == cycle.steps - 1:
                     if self.layout.group is not None:
-                        dist.all_reduce(loss, group=self.layout.group)
+                        all_reduce_(loss, self.layout.group)
                         loss /= self.layout.group_size
-                    rate = tokens_done / train_seconds
+                    now = self.synced_clock()
+                    train_seconds, mark = train_seconds + now - mark, now
+                    rate = tokens_done / max(train_seconds, 1e-9)
                     epoch = (cycle.first_pos + (i + 1) * cycle.batch_seqs * args.seq_len) / len(self.stream)
                     g = self.optimizer.param_groups[0]
                     self.log.line(f"[b{self.base}] cycle {cycle.index}/{len(self.cycles)} step {self.step}/"
@@ -1280,7 +1333,10 @@ class BaseTrainer:
                     self.log.event("step", base=self.base, cycle=cycle.index, step=self.step, loss=loss.item(),
                                    epoch=epoch, tokens_per_s=rate, distill=distill)
                 if i < cycle.steps - 1 and time.time() - self.last_checkpoint > args.checkpoint_minutes * 60:
+                    now = self.synced_clock()
+                    train_seconds += now - mark
                     self.save_checkpoint()
+                    mark = self.synced_clock()
             self.snapshot(cycle)
             start, end = args.snapshot_noise
             if cycle.index < len(self.cycles) and (start > 0 or end > 0):
@@ -1335,7 +1391,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         ok = [False]
     if world > 1:  # every rank learns whether rank 0 accepted the run before anything starts
-        dist.broadcast_object_list(ok, src=0)
+        accepted = torch.tensor([float(ok[0]) if rank == 0 else 0.0])
+        ok = [all_reduce_(accepted).item() > 0]
     if not ok[0]:
         if world > 1:
             dist.destroy_process_group()
@@ -1361,11 +1418,11 @@ def main(argv=None) -> int:
                  f"tokens, fitness {data.fitness.size:,}, val {data.val.size:,} | {layout.groups} group(s) of "
                  f"{layout.group_size} process(es) on {device.type}")
     if world > 1:
-        dist.barrier()
+        barrier()
     for base in layout.bases:
         BaseTrainer(args, base, layout, data, cfg, cycles, run_dir, log, device).run()
     if world > 1:
-        dist.barrier()
+        barrier()
     if rank == 0:
         records = list_snapshots(run_dir)
         manifest = {**load_run(run_dir), "snapshots": records}
