@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -68,7 +69,7 @@ PRESETS = {
 # Flags that do not change the population: a resumed run may change these freely.
 NON_POPULATION_FLAGS = {
     "preset", "run_name", "runs_dir", "device_batch", "eval_batch", "compile", "log_every",
-    "checkpoint_minutes", "wandb_project",
+    "checkpoint_minutes", "wandb_project", "attention",
 }
 
 
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also checkpoint this often within a cycle (cycle ends always checkpoint)")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the model (auto: on CUDA only)")
+    g.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
+                   help="attention kernel: flex (FlexAttention, block-sparse windows) or sdpa (auto: flex on CUDA)")
     g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs wandb installed)")
     return p
 
@@ -533,6 +536,69 @@ class TrainStream:
 
 
 # =============================================================================================
+# Attention: causal, optionally in a sliding window
+# =============================================================================================
+# Query i sees key j iff 0 <= i - j <= window (the reference's convention; window >= T - 1 is
+# plain causal). On CUDA, FlexAttention with a block mask: a window skips the blocks it masks
+# out and runs a fused kernel, where a boolean SDPA mask rules out the flash kernels and does the
+# whole square. SDPA is the CPU path and the fallback (--attention sdpa); torch has no CPU
+# backward for FlexAttention, so the CPU tests compare its forward only.
+
+ATTENTION_KERNELS = ("auto", "flex", "sdpa")
+_attention = {"kernel": "auto"}  # set once by main() from --attention
+
+
+def set_attention_kernel(kernel: str):
+    _attention["kernel"] = kernel
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal attention of (B, H, T, D) tensors; query i sees keys i - window .. i."""
+    kernel = _attention["kernel"]
+    if kernel == "flex" or (kernel == "auto" and q.is_cuda):
+        return flex_attend(q, k, v, window)
+    return sdpa_attend(q, k, v, window)
+
+
+def sdpa_attend(q, k, v, window: int) -> torch.Tensor:
+    T = q.size(-2)
+    if window >= T - 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    i = torch.arange(T, device=q.device)
+    distance = i[:, None] - i[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(distance >= 0) & (distance <= window))
+
+
+def _window_block_mask(T: int, window: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return create_block_mask(visible, None, None, T, T, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_block_mask(T: int, window: int, device: str):
+    return _window_block_mask(T, window, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attend(q, k, v, window: int) -> torch.Tensor:
+    """FlexAttention; inside a compiled model it is traced (mask build included) into the graph,
+    called eagerly it runs the compiled kernel with a block mask built once per shape."""
+    T = q.size(-2)
+    if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention(q, k, v, block_mask=_window_block_mask(T, window, q.device))
+    return _compiled_flex_attention()(q, k, v, block_mask=_cached_block_mask(T, window, str(q.device)))
+
+
+# =============================================================================================
 # Model: the Slowrun GPT
 # =============================================================================================
 # SwiGLU MLP, RoPE, QK RMS-norm, a per-head sigmoid gate on the attention output, value
@@ -602,8 +668,7 @@ class Block(nn.Module):
         if self.value_embed is not None:
             v = v + self.value_embed(x0).view(B, T, self.n_head, -1).transpose(1, 2)
         q, k = _rotary(F.rms_norm(q, (q.size(-1),))), _rotary(F.rms_norm(k, (k.size(-1),)))
-        mask = _window_mask(T, self.window, x.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = attend(q, k, v, self.window - 1)  # self.window counts the query itself
         y = y * torch.sigmoid(self.attn_gate(h)).transpose(1, 2).unsqueeze(-1)
         y = self.attn_out(y.transpose(1, 2).reshape(B, T, D))
         x = x + F.dropout(y, self.dropout, self.training)
@@ -1372,6 +1437,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     world, rank, device = setup_distributed()
+    set_attention_kernel(args.attention)
     try:
         data = load_data(args)
         cfg = GPTConfig(vocab_size=data.vocab_size, n_layer=args.n_layer, d_model=args.d_model,

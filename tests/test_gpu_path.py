@@ -58,3 +58,26 @@ def test_collectives_and_token_probs_in_a_group_that_refuses_cpu_tensors(small_d
         assert r["all_reduce"] == [3.0, 3.0, 3.0]
         assert r["all_gather"] == [[0.0, 0.0], [1.0, 1.0]]
         np.testing.assert_allclose(r["probs"], single, rtol=1e-6)  # each window scored once, summed
+
+
+# --- attention kernels ---------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without")
+def test_flex_attention_forward_equals_sdpa():
+    """FlexAttention (the CUDA kernel, here its CPU forward) against the SDPA path within 1e-6,
+    and SDPA against the convention by brute force; T = 200 is not a multiple of the block size."""
+    from torch.nn.attention.flex_attention import flex_attention
+    T = 200
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 16) for _ in range(3))
+    i = torch.arange(T)
+    distance = i[:, None] - i[None, :]
+    for window in (0, 37, T - 1, 500):  # query i sees key j iff 0 <= i - j <= window
+        scores = ((q @ k.mT) / 4.0).masked_fill(~((distance >= 0) & (distance <= window)), -torch.inf)
+        reference = q0.sdpa_attend(q, k, v, window)
+        torch.testing.assert_close(reference, torch.softmax(scores, -1) @ v, atol=1e-6, rtol=0)
+        unfused = flex_attention(q, k, v, block_mask=q0._window_block_mask(T, window, "cpu"))  # eager reference
+        torch.testing.assert_close(unfused, reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q0.flex_attend(q, k, v, 37), q0.sdpa_attend(q, k, v, 37), atol=1e-6, rtol=0)
+    traced = torch.compile(lambda a, b, c: q0.flex_attend(a, b, c, 37), fullgraph=True)  # as inside a model
+    torch.testing.assert_close(traced(q, k, v), q0.sdpa_attend(q, k, v, 37), atol=1e-6, rtol=0)
