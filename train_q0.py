@@ -69,7 +69,7 @@ PRESETS = {
 # Flags that do not change the population: a resumed run may change these freely.
 NON_POPULATION_FLAGS = {
     "preset", "run_name", "runs_dir", "device_batch", "eval_batch", "compile", "log_every",
-    "checkpoint_minutes", "wandb_project", "attention",
+    "checkpoint_minutes", "wandb_project", "attention", "autocast",
 }
 
 
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model (auto: on CUDA only)")
     g.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                    help="attention kernel: flex (FlexAttention, block-sparse windows) or sdpa (auto: flex on CUDA)")
+    g.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
+                   help="bf16 autocast of the forward passes (auto: on CUDA only)")
     g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs wandb installed)")
     return p
 
@@ -545,16 +547,16 @@ class TrainStream:
 # backward for FlexAttention, so the CPU tests compare its forward only.
 
 ATTENTION_KERNELS = ("auto", "flex", "sdpa")
-_attention = {"kernel": "auto"}  # set once by main() from --attention
+_kernels = {"attention": "auto", "autocast": "auto"}  # set once by main() from --attention, --autocast
 
 
-def set_attention_kernel(kernel: str):
-    _attention["kernel"] = kernel
+def set_kernels(attention: str = "auto", autocast: str = "auto"):
+    _kernels.update(attention=attention, autocast=autocast)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """Causal attention of (B, H, T, D) tensors; query i sees keys i - window .. i."""
-    kernel = _attention["kernel"]
+    kernel = _kernels["attention"]
     if kernel == "flex" or (kernel == "auto" and q.is_cuda):
         return flex_attend(q, k, v, window)
     return sdpa_attend(q, k, v, window)
@@ -873,11 +875,13 @@ def noise_scale(cycle: int, cycles: int, start: float, end: float) -> float:
 @torch.no_grad()
 def add_snapshot_noise(model: GPT, scale: float, generator: torch.Generator):
     """Perturb every weight matrix by Gaussian noise of std scale * std(W): a kick out of the basin
-    the snapshot settled in, so the next cycle explores a different one."""
+    the snapshot settled in, so the next cycle explores a different one. The noise is drawn on the
+    weights' device from `generator` (seeded alike on every rank of a group, so ranks stay equal),
+    and std(W) stays a device tensor: no host round trip per matrix."""
     for p in model.parameters():
         if p.ndim == 2 and scale > 0:
-            noise = torch.randn(p.shape, generator=generator, device=generator.device, dtype=torch.float32)
-            p.add_(noise.to(p.device, p.dtype), alpha=scale * p.float().std().item())
+            noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+            p.add_((noise * (scale * p.float().std())).to(p.dtype))
 
 
 # =============================================================================================
@@ -901,14 +905,19 @@ def distillation_loss(logits, targets, teacher_logits=None, alpha=0.45, temperat
 # =============================================================================================
 
 def autocast_for(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    """bf16 autocast on CUDA (--autocast auto), or wherever --autocast bf16 asks (the CPU tests)."""
+    mode = _kernels["autocast"]
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 @torch.no_grad()
 def token_probs(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, device, group=None) -> np.ndarray:
     """p(true next token) for every target tokens[1:], in windows of seq_len that each start a
     fresh context (the last window shorter). With a process group, windows are spread over its
-    ranks and the result is summed, so every rank returns the whole array. Probabilities stay on
+    ranks and the result is summed, so every rank returns the whole array. `model` may be a
+    compiled module (it is called in eval mode, one shape). Probabilities stay on
     the device until the end: one copy to the host, and the reduction runs where the group's
     backend wants it (all_reduce_)."""
     device = torch.device(device)
@@ -919,19 +928,23 @@ def token_probs(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, d
     out = torch.zeros(n_targets, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
-    full = [s for s in mine if s + seq_len <= n_targets]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[s] for s in mine if s + seq_len > n_targets]  # the short last window alone
-    for batch in batches:
-        length = min(seq_len, n_targets - batch[0])
-        window = np.stack([tokens[s:s + length + 1] for s in batch]).astype(np.int64)
-        w = torch.from_numpy(window).to(device, non_blocking=True)
+    for i in range(0, len(mine), batch_size):
+        # Every forward is [batch_size, seq_len] (short windows and a short last batch padded,
+        # the padding discarded), so a compiled model sees one shape and never recompiles.
+        rows = np.zeros((batch_size, seq_len + 1), dtype=np.int64)
+        src, dst = [], []
+        for r, s in enumerate(mine[i:i + batch_size]):
+            length = min(seq_len, n_targets - s)
+            rows[r, :length + 1] = tokens[s:s + length + 1]
+            src.append(np.arange(r * seq_len, r * seq_len + length))
+            dst.append(np.arange(s, s + length))
+        w = torch.from_numpy(rows).to(device, non_blocking=True)
         with autocast_for(device):
             logits = model(w[:, :-1])
         logits = logits.float()  # log p(y) = z_y - logsumexp(z): no [B, T, V] log-softmax copy
-        logp = logits.gather(-1, w[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        where = (torch.tensor(batch)[:, None] + torch.arange(length)).flatten().to(device, non_blocking=True)
-        out.index_copy_(0, where, logp.exp().flatten())
+        logp = (logits.gather(-1, w[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).flatten()
+        src, dst = (torch.from_numpy(np.concatenate(x)).to(device, non_blocking=True) for x in (src, dst))
+        out.index_copy_(0, dst, logp[src].exp())
     model.train(was_training)
     if world > 1:
         all_reduce_(out, group)  # each position was filled by exactly one rank
@@ -1228,9 +1241,12 @@ def snapshot_state(model: GPT, device: torch.device) -> dict:
 
 
 def model_from_state(cfg: GPTConfig, state: dict, device) -> GPT:
-    model = GPT(cfg)
+    """A frozen copy of saved weights, built directly on `device` (no host-side model): eval mode,
+    no gradients, so autocast keeps no bf16 weight copies for a backward that never comes."""
+    with torch.device(device):
+        model = GPT(cfg)
     model.load_state_dict(state)
-    return model.to(device).eval()
+    return model.eval().requires_grad_(False)
 
 
 class BaseTrainer:
@@ -1248,14 +1264,20 @@ class BaseTrainer:
         if layout.group is not None:
             from torch.nn.parallel import DistributedDataParallel
             self.ddp = DistributedDataParallel(self.model, process_group=layout.group)
-        self.forward = self.ddp if self.ddp is not None else self.model
-        if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
-            self.forward = torch.compile(self.forward)
-        self.teacher: GPT | None = None
+        self.use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+        self.forward = self.compiled(self.ddp if self.ddp is not None else self.model)
+        self.teacher: GPT | None = None  # and self.teacher_forward, its compiled forward
         self.step, self.cycles_done = 0, 0
         self.tracker = PopulationTracker(run_dir)
         log.line(f"[b{base}] {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                  f"{sum(c.steps for c in cycles)} steps")
+
+    def compiled(self, module):
+        return torch.compile(module) if self.use_compile else module
+
+    def set_teacher(self, model: GPT | None):
+        self.teacher = model
+        self.teacher_forward = self.compiled(model) if model is not None else None
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self):
@@ -1284,7 +1306,7 @@ class BaseTrainer:
         """The previous snapshot of this base, exactly as saved (before any noise)."""
         record = json.loads((self.run_dir / "snapshots" / f"{snapshot_id(self.base, cycle)}.json").read_text())
         state = torch.load(self.run_dir / record["weights"], map_location="cpu", weights_only=True)
-        self.teacher = model_from_state(self.cfg, state, self.device)
+        self.set_teacher(model_from_state(self.cfg, state, self.device))
 
     # --- one optimiser step ------------------------------------------------------------------
     def train_step(self, cycle: Cycle, step_in_cycle: int, distill: bool) -> float:
@@ -1308,7 +1330,7 @@ class BaseTrainer:
                     teacher_logits = None
                     if distill:
                         with torch.no_grad():
-                            teacher_logits = self.teacher(rows[:, :-1])
+                            teacher_logits = self.teacher_forward(rows[:, :-1])
                 loss = distillation_loss(logits, rows[:, 1:], teacher_logits,
                                          args.distill_alpha, args.distill_temperature)
                 (loss / accum).backward()
@@ -1326,9 +1348,11 @@ class BaseTrainer:
         snap_dir = self.run_dir / "snapshots"
         state = snapshot_state(self.model, self.device)
         snap = model_from_state(self.cfg, state, self.device)  # evaluate, and later teach, what was saved
-        fitness = token_probs(snap, self.data.fitness, args.seq_len, args.eval_batch, self.device, self.layout.group)
-        val = token_probs(snap, self.data.val, args.seq_len, args.eval_batch, self.device, self.layout.group)
-        self.teacher = snap
+        self.set_teacher(snap)
+        fitness = token_probs(self.teacher_forward, self.data.fitness, args.seq_len, args.eval_batch, self.device,
+                              self.layout.group)
+        val = token_probs(self.teacher_forward, self.data.val, args.seq_len, args.eval_batch, self.device,
+                          self.layout.group)
         base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / len(self.stream)
         val_loss = mean_nll(val)
         bpb = (val_loss * val.size / (math.log(2) * self.data.val_bytes)) if self.data.val_bytes else None
@@ -1405,12 +1429,12 @@ class BaseTrainer:
             self.snapshot(cycle)
             start, end = args.snapshot_noise
             if cycle.index < len(self.cycles) and (start > 0 or end > 0):
-                gen = torch.Generator(device="cpu").manual_seed(_seed(args.seed, self.base, cycle.index, 7))
+                gen = torch.Generator(device=self.device).manual_seed(_seed(args.seed, self.base, cycle.index, 7))
                 add_snapshot_noise(self.model, noise_scale(cycle.index, len(self.cycles), start, end), gen)
             self.cycles_done = cycle.index
             self.save_checkpoint()
             if not (0 < args.distill_from_cycle <= cycle.index + 1):
-                self.teacher = None  # no need to hold it until distillation starts
+                self.set_teacher(None)  # no need to hold it until distillation starts
 
 
 # =============================================================================================
@@ -1437,7 +1461,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     world, rank, device = setup_distributed()
-    set_attention_kernel(args.attention)
+    set_kernels(attention=args.attention, autocast=args.autocast)
     try:
         data = load_data(args)
         cfg = GPTConfig(vocab_size=data.vocab_size, n_layer=args.n_layer, d_model=args.d_model,
