@@ -1442,6 +1442,9 @@ class BaseTrainer:
 # =============================================================================================
 
 def setup_distributed() -> tuple[int, int, torch.device]:
+    if dist.is_initialized():  # a group the caller started (the tests' fake world of 8)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return dist.get_world_size(), dist.get_rank(), device
     if "RANK" not in os.environ:
         return 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
@@ -1480,9 +1483,8 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         ok = [False]
-    if world > 1:  # every rank learns whether rank 0 accepted the run before anything starts
-        accepted = torch.tensor([float(ok[0]) if rank == 0 else 0.0])
-        ok = [all_reduce_(accepted).item() > 0]
+    if world > 1:  # every rank learns whether all accepted the run (rank 0 checks the run dir) before anything starts
+        ok = [all_reduce_(torch.tensor([0.0 if ok[0] else 1.0])).item() == 0]
     if not ok[0]:
         if world > 1:
             dist.destroy_process_group()

@@ -150,3 +150,40 @@ def test_bf16_autocast_on_cpu_runs_the_same_code_close_to_fp32(small_data, tmp_p
     fp32 = first_steps(trainer_for(small_data, tmp_path, "--autocast", "off"), 4, distill_from=2)
     np.testing.assert_allclose(bf16, fp32, rtol=0, atol=2e-4)  # measured: at most 8e-5 nats per step
     assert bf16 != fp32  # autocast really ran in bf16
+
+
+# --- a world of 8 in one process -----------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:divide by zero")  # hallucinated sums: other ranks' windows score 0
+def test_world_of_eight_runs_main_through_the_default_layout(small_data, tmp_path, capsys, monkeypatch):
+    """torch's fake process group plays one rank of 8 (its collectives hallucinate, so only the
+    structure is checked: layouts, DDP over a group of 8, micro-batch split, evaluation spread over
+    the group, every collective accepted). The default 5 bases land on one group of 8; 8 bases on
+    8 groups of one, where rank 5 trains base 5 only."""
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    def local_gradients(_, bucket):  # the fake group's futures carry no tensor: keep this rank's
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    class LocalGradientDDP(DistributedDataParallel):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.register_comm_hook(None, local_gradients)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", LocalGradientDDP)
+    common = ["--preset", "tiny", "--fitness-tokens", "1000", "--train-tokens", "4096", "--val-tokens", "2048",
+              "--data-dir", str(small_data), "--runs-dir", str(tmp_path), "--cycles", "2", "--batch-seqs", "8",
+              "--device-batch", "1", "--batch-schedule", "1", "--first-cycle-epochs", "0.5", "--cycle-epochs", "0.5"]
+    for rank, flags in [(0, ["--bases", "5"]), (0, ["--bases", "8"]), (5, ["--bases", "8"])]:
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
+        assert q0.main(common + flags) == 0
+        assert not dist.is_initialized()  # main() closed it
+    out = capsys.readouterr().out
+    assert "1 group(s) of 8 process(es)" in out and "8 group(s) of 1 process(es)" in out
+    five = sorted(r["id"] for r in q0.list_snapshots(tmp_path / "tiny-5x2-seed0"))
+    assert five == sorted(f"b{b}c{c}" for b in range(5) for c in (1, 2))  # the leader of the one group wrote all
+    eight = sorted(r["id"] for r in q0.list_snapshots(tmp_path / "tiny-8x2-seed0"))
+    assert eight == ["b0c1", "b0c2", "b5c1", "b5c2"]  # ranks 0 and 5 each trained their own base
