@@ -69,7 +69,8 @@ PRESETS = {
 # Flags that do not change the population: a resumed run may change these freely.
 NON_POPULATION_FLAGS = {
     "preset", "run_name", "runs_dir", "device_batch", "eval_batch", "compile", "log_every",
-    "checkpoint_minutes", "wandb_project", "attention", "autocast",
+    "checkpoint_minutes", "wandb_project", "attention", "autocast", "checkpoint_activations", "dry_run",
+    "plan_gpus", "mfu", "peak_tflops",
 }
 
 
@@ -150,6 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
                    help="bf16 autocast of the forward passes (auto: on CUDA only)")
     g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs wandb installed)")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each block's activations in the backward pass: far less memory, ~1/3 more compute")
+    g = p.add_argument_group("preflight plan (printed at the top of every run)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan (parameters, FLOPs, memory, disk, hours) and exit; no data needed")
+    g.add_argument("--plan-gpus", type=int, default=0,
+                   help="plan for this many CUDA processes (default: this launch's processes and device)")
+    g.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the hours assume")
+    g.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS,
+                   help="peak bf16 TFLOP/s of one process's device (default: H100 SXM, dense)")
     return p
 
 
@@ -1197,7 +1208,7 @@ class Layout:
     bases: list[int]
 
 
-def make_layout(args, world: int, rank: int, cycles: list[Cycle]) -> Layout:
+def make_layout(args, world: int, rank: int, cycles: list[Cycle], create_groups: bool = True) -> Layout:
     groups = args.groups or math.gcd(args.bases, world)
     if world % groups or args.bases % groups:
         raise UsageError(f"{args.bases} bases cannot be placed evenly on {groups} groups of a world of {world} "
@@ -1213,7 +1224,7 @@ def make_layout(args, world: int, rank: int, cycles: list[Cycle]) -> Layout:
     group = None
     for g in range(groups):  # every rank must take part in creating every group
         ranks = list(range(g * size, (g + 1) * size))
-        pg = dist.new_group(ranks) if world > 1 else None
+        pg = dist.new_group(ranks) if world > 1 and create_groups else None
         if g == index and size > 1:
             group = pg
     return Layout(world, rank, groups, index, group, size, rank - index * size,
@@ -1259,6 +1270,8 @@ class BaseTrainer:
         self.checkpoint_path = run_dir / "checkpoints" / f"base{base}.pt"
         torch.manual_seed(_seed(args.seed, base))  # the initialisation depends on the base only
         self.model = GPT(cfg).to(device)
+        if args.checkpoint_activations:
+            self.model.checkpoint_blocks = True
         self.optimizer = build_optimizer(self.model, args)
         self.ddp = None
         if layout.group is not None:
@@ -1438,6 +1451,181 @@ class BaseTrainer:
 
 
 # =============================================================================================
+# Preflight plan: what a run costs before it starts
+# =============================================================================================
+# `--dry-run` prints this and stops; every run prints it at the top and refuses a run whose files
+# cannot fit on the disk. The model (whatever GPT(cfg) is), its teacher and the optimiser are built
+# and stepped on fake tensors: shapes and dtypes only, no memory, no GPU, any size. The trace runs
+# on the CPU under CPU bf16 autocast (what CUDA autocast does to matmuls); attention FLOPs are the
+# dense square, what SDPA computes (a sliding window under FlexAttention does less).
+# Pinned torch internals (torch 2.5 to 2.13), used here only: torch._subclasses.fake_tensor.
+# FakeTensorMode; symbolic_shapes.ShapeEnv(allow_scalar_outputs) so an optimiser's .item() is a
+# symbol; torch.utils.flop_counter.{FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count};
+# torch.distributed._tools.mem_tracker.MemTracker.
+
+H100_BF16_TFLOPS = 989.0   # dense bf16 peak of one H100 SXM
+SLOWRUN_SPLIT = dict(train=100_000_000, val=10_000_000, vocab=50257)  # assumed when the data is not there yet
+GIB = 2 ** 30
+
+
+def _flop_formulas() -> dict:
+    """FLOPs of the CPU SDPA kernel the trace runs into (FlopCounterMode knows the CUDA ones)."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+
+    def fwd(q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(q, k, v)
+
+    def bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, q, k, v)
+    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
+
+
+def trace_step(cfg: GPTConfig, args, device_batch: int, checkpoint: bool, distill: bool) -> dict:
+    """One micro-batch of training on fake tensors: FLOPs of each part and the peak memory of
+    weights, gradients, optimiser state, teacher and activations together."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.utils.flop_counter import FlopCounterMode
+    formulas = _flop_formulas()
+    flops = {}
+    with FakeTensorMode(shape_env=ShapeEnv(allow_scalar_outputs=True)):
+        model = GPT(cfg)
+        if checkpoint:
+            if not hasattr(model, "checkpoint_blocks"):
+                raise UsageError("this model has no activation checkpointing; drop --checkpoint-activations")
+            model.checkpoint_blocks = True
+        optimizer = build_optimizer(model, args)
+        for p in model.parameters():  # a first step creates the optimiser state; it counts the step's FLOPs
+            p.grad = torch.zeros_like(p)
+        with FlopCounterMode(display=False, custom_mapping=formulas) as fc:
+            optimizer.step()
+        flops["optimizer"] = fc.get_total_flops()
+        optimizer.zero_grad(set_to_none=True)
+        # The teacher keeps requires_grad here (MemTracker hooks every parameter); run under no_grad
+        # and without autocast's weight cache, it holds what the frozen teacher of a run holds.
+        teacher = GPT(cfg).eval() if distill else None
+        idx = torch.randint(0, cfg.vocab_size, (device_batch, cfg.seq_len + 1))
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer, *([teacher] if teacher is not None else []))
+        with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), \
+                        FlopCounterMode(display=False, custom_mapping=formulas) as fc:
+                    teacher_logits = teacher(idx[:, :-1])
+                flops["teacher"] = fc.get_total_flops()
+            with FlopCounterMode(display=False, custom_mapping=formulas) as fc:
+                loss = distillation_loss(model(idx[:, :-1]), idx[:, 1:], teacher_logits,
+                                         args.distill_alpha, args.distill_temperature)
+                loss.backward()
+            flops["student"] = fc.get_total_flops()
+            del loss, teacher_logits
+            optimizer.step()
+        peak = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+        params = sum(p.numel() for p in model.parameters())
+        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                    if torch.is_tensor(t))
+    tokens = device_batch * cfg.seq_len
+    return {"params": params, "optimizer_state_bytes": state, "peak_bytes": peak,
+            "student_flops_per_token": flops["student"] / tokens,
+            "teacher_flops_per_token": flops.get("teacher", 0) / tokens, "optimizer_flops": flops["optimizer"]}
+
+
+@dataclasses.dataclass
+class PlanTarget:
+    processes: int
+    device: str             # "cuda" or "cpu": what the snapshots are saved in (bf16 or fp32)
+    train_tokens: int
+    fitness_tokens: int
+    val_tokens: int
+    assumed_data: bool
+
+
+def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget) -> dict:
+    distills = 0 < args.distill_from_cycle <= args.cycles and args.cycles > 1
+    step = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, distills)
+    plain = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, False) if distills else step
+    groups = args.groups or math.gcd(args.bases, target.processes)
+    group_size = target.processes // groups
+    rate = args.peak_tflops * 1e12 * args.mfu  # FLOP/s per process
+    fwd = step["teacher_flops_per_token"] or plain["student_flops_per_token"] / 3  # a forward is ~1/3 of fwd+bwd
+
+    def step_seconds(c: Cycle, distill: bool) -> float:
+        per_token = plain["student_flops_per_token"] + (step["teacher_flops_per_token"] if distill else 0.0)
+        return (c.batch_seqs * cfg.seq_len * per_token / group_size + plain["optimizer_flops"]) / rate
+
+    eval_seconds = (target.fitness_tokens + target.val_tokens) * fwd / group_size / rate
+    base_seconds = sum(c.steps * step_seconds(c, 0 < args.distill_from_cycle <= c.index and c.index > 1)
+                       + eval_seconds for c in cycles)
+    epoch_seconds = (target.train_tokens * plain["student_flops_per_token"] / group_size
+                     + target.train_tokens / (args.batch_seqs * cfg.seq_len) * plain["optimizer_flops"]) / rate
+    weight_bytes = step["params"] * (2 if target.device == "cuda" else 4)
+    cache_bytes = 2 * (target.fitness_tokens + (target.val_tokens if args.val_probs else 0))
+    checkpoint_bytes = 4 * step["params"] + step["optimizer_state_bytes"]
+    snapshots = args.bases * args.cycles
+    return {
+        "target": dataclasses.asdict(target), "groups": groups, "group_size": group_size, "params": step["params"],
+        "student_flops_per_token": plain["student_flops_per_token"], "teacher_flops_per_token": fwd,
+        "optimizer_flops_per_step": plain["optimizer_flops"],
+        "step_tokens": args.batch_seqs * cfg.seq_len,
+        "peak_gib": plain["peak_bytes"] / GIB, "peak_gib_distilling": step["peak_bytes"] / GIB if distills else None,
+        "snapshot_gib": (weight_bytes + cache_bytes) / GIB, "snapshots": snapshots,
+        "disk_gib": (snapshots * (weight_bytes + cache_bytes) + (args.bases + groups) * checkpoint_bytes) / GIB,
+        "hours_per_epoch": epoch_seconds / 3600,
+        "hours": math.ceil(args.bases / groups) * base_seconds / 3600,
+    }
+
+
+def _gib(x: float) -> str:
+    return f"{x:.1f} GiB" if x >= 0.1 else f"{x * 1024:.1f} MiB"
+
+
+def _hours(h: float) -> str:
+    return f"{h:.1f} h" if h >= 1 else f"{h * 60:.1f} min" if h >= 1 / 60 else f"{h * 3600:.1f} s"
+
+
+def plan_lines(plan: dict, args) -> list[str]:
+    t = plan["target"]
+    peak = _gib(plan["peak_gib"]) + (f", distilling {_gib(plan['peak_gib_distilling'])}"
+                                     if plan["peak_gib_distilling"] is not None else "")
+    return [
+        f"plan: {plan['params']:,} parameters | {t['processes']} process(es) on {t['device']}, {plan['groups']} group(s)"
+        f" of {plan['group_size']} | data {t['train_tokens']:,} train, {t['fitness_tokens']:,} fitness, "
+        f"{t['val_tokens']:,} val tokens" + (" (assumed: Slowrun's split; the data is not there yet)"
+                                             if t["assumed_data"] else ""),
+        f"plan: FLOPs per token: student {plan['student_flops_per_token']:.3e} (forward + backward), teacher "
+        f"{plan['teacher_flops_per_token']:.3e} (forward) | per step of {plan['step_tokens']:,} tokens: student "
+        f"{plan['step_tokens'] * plan['student_flops_per_token']:.3e}, teacher "
+        f"{plan['step_tokens'] * plan['teacher_flops_per_token']:.3e} (distilling), Muon "
+        f"{plan['optimizer_flops_per_step']:.3e} on each process",
+        f"plan: peak memory per process at --device-batch {args.device_batch}"
+        f"{' with' if args.checkpoint_activations else ' without'} activation checkpointing: {peak} (estimate)",
+        f"plan: disk: {plan['snapshots']} snapshots x {_gib(plan['snapshot_gib'])} (weights and caches) + "
+        f"checkpoints = {_gib(plan['disk_gib'])}",
+        f"plan: at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s per process: {_hours(plan['hours_per_epoch'])} "
+        f"per epoch of one base, {_hours(plan['hours'])} for the population (estimate)",
+    ]
+
+
+def check_disk(plan: dict, run_dir: Path):
+    """Refuse, with the numbers, a run whose snapshots, caches and checkpoints cannot fit."""
+    import shutil
+    have = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()) if run_dir.exists() else 0
+    place = run_dir
+    while not place.exists():
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    need = plan["disk_gib"] * GIB - have
+    if need > free:
+        raise UsageError(f"the run needs {need / GIB:.1f} GiB more for {plan['snapshots']} snapshots "
+                         f"({plan['snapshot_gib']:.2f} GiB each) and checkpoints, and {place} has "
+                         f"{free / GIB:.1f} GiB free; free space, choose another --runs-dir, or pass --val-probs 0")
+
+
+# =============================================================================================
 # Main
 # =============================================================================================
 
@@ -1456,6 +1644,39 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_world_size(), dist.get_rank(), torch.device("cpu")
 
 
+def model_config(args, vocab_size: int) -> GPTConfig:
+    if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
+        raise UsageError(f"--d-model {args.d_model} must split into --n-head {args.n_head} heads of even size")
+    return GPTConfig(vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
+                     mlp_hidden=args.mlp_hidden, seq_len=args.seq_len, short_window=args.short_window,
+                     dropout=args.dropout)
+
+
+def dry_run(args) -> int:
+    """The plan alone: from the data when it is there, else (slowrun) from Slowrun's split."""
+    try:
+        try:
+            data = load_data(args)
+            sizes, vocab, assumed = (data.train.size, data.fitness.size, data.val.size), data.vocab_size, False
+        except DataError:
+            if args.preset != "slowrun":
+                raise
+            fitness = args.fitness_tokens
+            sizes = (args.train_tokens or SLOWRUN_SPLIT["train"] - fitness, fitness, args.val_tokens or SLOWRUN_SPLIT["val"])
+            vocab, assumed = SLOWRUN_SPLIT["vocab"], True
+        processes = args.plan_gpus or int(os.environ.get("WORLD_SIZE", "1"))
+        device = "cuda" if args.plan_gpus or torch.cuda.is_available() else "cpu"
+        cycles = plan_cycles(args, sizes[0])
+        make_layout(args, processes, 0, cycles, create_groups=False)
+        plan = plan_run(args, model_config(args, vocab), cycles, PlanTarget(processes, device, *sizes, assumed))
+        print("\n".join(plan_lines(plan, args)))
+        check_disk(plan, Path(args.runs_dir) / args.run_name)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -1463,20 +1684,21 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return dry_run(args)
     world, rank, device = setup_distributed()
     set_kernels(attention=args.attention, autocast=args.autocast)
     try:
         data = load_data(args)
-        cfg = GPTConfig(vocab_size=data.vocab_size, n_layer=args.n_layer, d_model=args.d_model,
-                        n_head=args.n_head, mlp_hidden=args.mlp_hidden, seq_len=args.seq_len,
-                        short_window=args.short_window, dropout=args.dropout)
-        if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
-            raise UsageError(f"--d-model {args.d_model} must split into --n-head {args.n_head} heads of even size")
+        cfg = model_config(args, data.vocab_size)
         cycles = plan_cycles(args, data.train.size)
         layout = make_layout(args, world, rank, cycles)
         run_dir = Path(args.runs_dir) / args.run_name
-        resumed = False
+        resumed, plan = False, None
         if rank == 0:
+            plan = plan_run(args, cfg, cycles, PlanTarget(world, device.type, data.train.size, data.fitness.size,
+                                                          data.val.size, assumed_data=False))
+            check_disk(plan, run_dir)
             run_dir, resumed = prepare_run_dir(args, data, cfg, cycles)
         ok = [True]
     except UsageError as e:
@@ -1504,6 +1726,8 @@ def main(argv=None) -> int:
             log.line(f"resuming {run_dir} (world size {world})")
         else:
             log_header(log, args, world)
+        for line in plan_lines(plan, args):
+            log.line(line)
         epochs = sum(c.epochs for c in cycles)
         log.line(f"run {run_dir} | {args.bases} bases x {args.cycles} cycles = {args.bases * args.cycles} snapshots | "
                  f"{epochs:g} epochs per base, budget {epochs * args.bases:g} epochs | train {data.train.size:,} "

@@ -187,3 +187,64 @@ def test_world_of_eight_runs_main_through_the_default_layout(small_data, tmp_pat
     assert five == sorted(f"b{b}c{c}" for b in range(5) for c in (1, 2))  # the leader of the one group wrote all
     eight = sorted(r["id"] for r in q0.list_snapshots(tmp_path / "tiny-8x2-seed0"))
     assert eight == ["b0c1", "b0c2", "b5c1", "b5c2"]  # ranks 0 and 5 each trained their own base
+
+
+# --- the preflight plan --------------------------------------------------------------------------
+
+def direct_counts(cfg, batch: int):
+    """Parameters, and FLOPs per token counted by hand on a real forward: 2 x in x out for every
+    Linear call, 4 B H T^2 D for every attention call (the dense square); a backward costs twice a
+    Linear's forward and 2.5 times attention's (FlopCounterMode's convention: scores recomputed)."""
+    torch.manual_seed(0)
+    model = q0.GPT(q0.GPTConfig(**cfg))
+    linear, attention = [0], [0]
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, inp, out: linear.__setitem__(
+                0, linear[0] + 2 * mod.in_features * mod.out_features * out.shape[:-1].numel()))
+    real_sdpa = q0.sdpa_attend
+
+    def counting_sdpa(q, k, v, window):
+        B, H, T, D = q.shape
+        attention[0] += 4 * B * H * T * T * D
+        return real_sdpa(q, k, v, window)
+    tokens = batch * cfg["seq_len"]
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(q0, "sdpa_attend", counting_sdpa)
+        model(torch.zeros(batch, cfg["seq_len"], dtype=torch.long))
+    forward = (linear[0] + attention[0]) / tokens
+    student = (3 * linear[0] + 3.5 * attention[0]) / tokens
+    muon = 0
+    for p in q0.build_optimizer(model, q0.parse_args(["--preset", "tiny"])).param_groups[0]["params"]:
+        m, n = sorted(p.shape)
+        muon += len(q0.POLAR_EXPRESS) * (4 * m * m * n + 2 * m ** 3)  # X X^T, A A, (bA + cA A) X
+    return sum(p.numel() for p in model.parameters()), forward, student, muon
+
+
+def test_plan_counts_match_a_direct_count():
+    cfg = dict(TINY_CFG, seq_len=64, short_window=32)
+    params, forward, student, muon = direct_counts(cfg, batch=2)
+    args = q0.parse_args(["--preset", "tiny", "--seq-len", "64", "--device-batch", "2"])
+    traced = q0.trace_step(q0.GPTConfig(**cfg), args, device_batch=2, checkpoint=False, distill=True)
+    assert traced["params"] == params
+    assert traced["teacher_flops_per_token"] == pytest.approx(forward, rel=1e-9)
+    assert traced["student_flops_per_token"] == pytest.approx(student, rel=1e-9)
+    assert traced["optimizer_flops"] == pytest.approx(muon, rel=1e-9)
+    small, big = (q0.trace_step(q0.GPTConfig(**cfg), args, device_batch=b, checkpoint=False, distill=False)
+                  for b in (2, 8))
+    assert big["peak_bytes"] > small["peak_bytes"] >= 8 * params + small["optimizer_state_bytes"]  # + activations
+
+
+def test_dry_run_prints_the_plan_and_a_run_that_cannot_fit_is_refused(small_data, tmp_path):
+    import subprocess
+    import sys
+    cmd = [sys.executable, str(REPO / "train_q0.py"), "--preset", "tiny", "--data-dir", str(small_data),
+           "--fitness-tokens", "1000", "--runs-dir", str(tmp_path), "--dry-run"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[1].strip().split()[0] for line in lines] == ["38,021", "FLOPs", "peak", "disk", "at"]
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+    plan = {"disk_gib": 1e9, "snapshots": 480, "snapshot_gib": 3.39}
+    with pytest.raises(q0.UsageError, match=r"needs 1000000000.0 GiB more for 480 snapshots .* GiB free"):
+        q0.check_disk(plan, tmp_path / "runs" / "new")
