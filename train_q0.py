@@ -1276,7 +1276,8 @@ class BaseTrainer:
         self.ddp = None
         if layout.group is not None:
             from torch.nn.parallel import DistributedDataParallel
-            self.ddp = DistributedDataParallel(self.model, process_group=layout.group)
+            # gradients as views of DDP's buckets: no second fp32 copy of every gradient
+            self.ddp = DistributedDataParallel(self.model, process_group=layout.group, gradient_as_bucket_view=True)
         self.use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
         self.forward = self.compiled(self.ddp if self.ddp is not None else self.model)
         self.teacher: GPT | None = None  # and self.teacher_forward, its compiled forward

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import run_train  # noqa: E402
 from test_prior import assert_clean_error, cli, make_run, synthetic  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+import eval as eval_py  # noqa: E402
 
 
 def nll_sum(P, w):
@@ -138,3 +142,20 @@ def test_two_processes_equal_one(real_run, tmp_path):
     # Same members, same windows; only the order of float64 additions (and fp32 kernels picked
     # for another thread count) differ.
     assert max(abs(a[k] - b[k]) for k in a) <= 1e-6
+
+
+def test_scores_in_token_chunks_equal_the_whole(monkeypatch):
+    """The forward path's bounded memory: weightings scored chunk by chunk (here 1,024 tokens of
+    5 members) equal the sums over all tokens at once; a member no weighting needs is never read."""
+    rng = np.random.default_rng(0)
+    P = rng.uniform(0.01, 1, size=(5, 5000)).astype(np.float32)
+    P[4] = 0  # not needed: never scored
+    W = torch.from_numpy(rng.dirichlet(np.ones(4), size=7))
+    W = torch.cat([W, torch.zeros(7, 1, dtype=W.dtype)], 1)
+    need = np.array([True] * 4 + [False])
+    monkeypatch.setattr(eval_py, "CHUNK_ELEMS", 5 * 1024)
+    sums, member_sums = eval_py.score_chunks(lambda s, e: P[:, s:e], 5, 5000, W, need)
+    whole = torch.from_numpy(P).double()
+    np.testing.assert_allclose(sums, -(W @ whole).log().sum(1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(member_sums[:4], -whole[:4].log().sum(1).numpy(), rtol=1e-12)
+    assert member_sums[4] == 0
