@@ -71,8 +71,13 @@ def load_prior(path: Path, members, ks):
         for kind in ("renormalised", "refitted"):
             w = np.zeros(len(members))
             w[idx] = b[f"weights_{kind}"]
-            out.append({"part": "prior", "K": k, "weights": kind, "w": w, "cost": k})
+            out.append({"part": "prior", "K": k, "weights": kind, "w": w})
     return prior, out
+
+
+def forward_passes(w: np.ndarray) -> int:
+    """The inference cost of a weighting: members with a weight, the forward passes a user runs."""
+    return int(np.count_nonzero(w))
 
 
 def curve_points(m: int, most: int) -> list[int]:
@@ -89,7 +94,7 @@ def curve_weightings(members, ns: list[int]):
         runs = {}
         for m in members[:n]:
             runs.setdefault(m.run_index, []).append(m.record)
-        point = {"part": "curve", "n": n, "latest": members[n - 1].record["id"], "cost": n,
+        point = {"part": "curve", "n": n, "latest": members[n - 1].record["id"],
                  "epochs": sum(train_q0.epochs_spent(r) for r in runs.values())}
         w = np.zeros(len(members))
         w[:n] = 1.0 / n
@@ -138,27 +143,34 @@ class CacheFile:
             die(f"{self.path}: SHA-256 differs from its snapshot record; the cache changed after it was written")
 
 
-def score_chunks(read, n_members: int, T: int, W: torch.Tensor, need: np.ndarray):
-    """Sum over targets of -log(W @ p) for every weighting, and of -log p_i for every needed member,
-    from member probabilities read in token chunks (`read(s, e)` -> float32 [members, e - s]):
-    memory is one chunk of every member, whatever the number of weightings or targets."""
+def nll_sums(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(rows, 2): sum of -log p over all targets, and over the targets that carry bytes (bpb)."""
+    nll = -probs.log()
+    return torch.stack([nll.sum(-1), (nll * keep).sum(-1)], dim=-1)
+
+
+def score_chunks(read, n_members: int, T: int, W: torch.Tensor, keep: torch.Tensor, need: np.ndarray):
+    """nll_sums of every weighting's mixture W @ p and of every needed member, from member
+    probabilities read in token chunks (`read(s, e)` -> float32 [members, e - s]): memory is one
+    chunk of every member, whatever the number of weightings or targets."""
     chunk = max(1024, CHUNK_ELEMS // n_members)
-    sums, member_sums = torch.zeros(len(W), dtype=torch.float64), torch.zeros(n_members, dtype=torch.float64)
+    sums, member_sums = torch.zeros(len(W), 2, dtype=torch.float64), torch.zeros(n_members, 2, dtype=torch.float64)
     rows = torch.from_numpy(np.flatnonzero(need))
     for s in range(0, T, chunk):
-        Pc = torch.from_numpy(read(s, min(T, s + chunk))).double()
-        member_sums[rows] -= Pc[rows].log().sum(1)
-        sums -= (W @ Pc).log().sum(1)
+        e = min(T, s + chunk)
+        Pc = torch.from_numpy(read(s, e)).double()
+        member_sums[rows] += nll_sums(Pc[rows], keep[s:e])
+        sums += nll_sums(W @ Pc, keep[s:e])
     return sums.numpy(), member_sums.numpy()
 
 
-def score_cached(members, W: torch.Tensor):
+def score_cached(members, W: torch.Tensor, keep: torch.Tensor):
     """Chunks of validation tokens x all members (bounded memory), all weightings per chunk."""
     files = [CacheFile(m) for m in members]
 
     def read(s, e):
         return np.stack([f.read(s, e).astype(np.float32) for f in files])
-    out = score_chunks(read, len(members), members[0].run["val"]["targets"], W, np.ones(len(members), bool))
+    out = score_chunks(read, len(members), members[0].run["val"]["targets"], W, keep, np.ones(len(members), bool))
     for f in files:
         f.check()
     return out
@@ -197,8 +209,8 @@ class SpillFile:
         self.path.unlink(missing_ok=True)
 
 
-def score_forward(members, W: torch.Tensor, need: np.ndarray, device, batch_size: int, rank: int, world: int,
-                  spill: Path):
+def score_forward(members, W: torch.Tensor, keep: torch.Tensor, need: np.ndarray, device, batch_size: int,
+                  rank: int, world: int, spill: Path):
     """Members stream from disk one at a time, spread over processes; each one's probabilities
     (float32, floored like the caches) are handed to the reporting rank, which writes them to one
     file (`spill`, removed after) and then scores every weighting in token chunks: host memory is
@@ -223,7 +235,7 @@ def score_forward(members, W: torch.Tensor, need: np.ndarray, device, batch_size
                     store.write(todo[start + k], row.numpy())
         if rank != 0:
             return None, None
-        return score_chunks(store.read, len(members), T, W, need)
+        return score_chunks(store.read, len(members), T, W, keep, need)
     finally:
         if store is not None:
             store.close()
@@ -233,9 +245,22 @@ def score_forward(members, W: torch.Tensor, need: np.ndarray, device, batch_size
 # Output
 # ---------------------------------------------------------------------------------------------
 
-def numbers(loss_sum: float, run: dict) -> dict:
+def numbers(sums, run: dict, cost: int | None = None) -> dict:
+    """Loss in nats per target (all targets) and the record's bits per byte (BOS targets left out:
+    they carry no bytes); `sums` from nll_sums, the kept sum NaN where the tokens were unavailable."""
     T, nbytes = run["val"]["targets"], run["val"].get("text_bytes")
-    return {"loss": loss_sum / T, "bpb": loss_sum / (math.log(2) * nbytes) if nbytes else None}
+    bpb = sums[1] / (math.log(2) * nbytes) if nbytes and not math.isnan(sums[1]) else None
+    return ({"forward_passes": cost} if cost is not None else {}) | {"loss": sums[0] / T, "bpb": bpb}
+
+
+def byte_targets(run: dict) -> torch.Tensor:
+    """1 for every validation target that carries bytes (all but BOS); NaN when the validation
+    tokens are not at hand, so bits per byte reads n/a rather than a guess."""
+    try:
+        tokens = train_q0.load_val_tokens(run)
+    except train_q0.UsageError:
+        return torch.full((run["val"]["targets"],), float("nan"), dtype=torch.float64)
+    return torch.from_numpy(tokens[1:] != run["bos_id"]).double()
 
 
 def fmt_bpb(x):
@@ -254,7 +279,7 @@ def markdown(res: dict) -> str:
         rows.append(f"| uniform, all | {u['forward_passes']} | {u['loss']:.4f} | {fmt_bpb(u['bpb'])} |")
     for b in res.get("prior", {}).get("budgets", []):
         for kind in ("renormalised", "refitted"):
-            rows.append(f"| prior K={b['K']}, {kind} | {b['forward_passes']} | {b[kind]['loss']:.4f} | "
+            rows.append(f"| prior K={b['K']}, {kind} | {b[kind]['forward_passes']} | {b[kind]['loss']:.4f} | "
                         f"{fmt_bpb(b[kind]['bpb'])} |")
     if rows:
         out += ["| ensemble | forward passes | loss | bpb |", "| --- | ---: | ---: | ---: |", *rows, ""]
@@ -266,9 +291,10 @@ def markdown(res: dict) -> str:
         out.append("")
     if res.get("curve"):
         out += ["## Population curve", "",
-                "| snapshots | latest | epochs spent | forward passes | uniform loss | prior loss | uniform bpb | prior bpb |",
-                "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        out += [f"| {c['n']} | {c['latest']} | {c['epochs']:.2f} | {c['forward_passes']} | {c['uniform']['loss']:.4f} | "
+                "| snapshots | latest | epochs spent | prior forward passes | uniform loss | prior loss | uniform bpb | "
+                "prior bpb |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        out += [f"| {c['n']} | {c['latest']} | {c['epochs']:.2f} | {c['prior']['forward_passes']} | "
+                f"{c['uniform']['loss']:.4f} | "
                 f"{c['prior']['loss']:.4f} | {fmt_bpb(c['uniform']['bpb'])} | {fmt_bpb(c['prior']['bpb'])} |"
                 for c in res["curve"]]
         out.append("")
@@ -339,7 +365,7 @@ def main(argv=None):
         ks = fit_prior.parse_budgets(args.budgets, len(members)) if args.budgets else None
         weightings = []
         if "uniform" in parts:
-            weightings.append({"part": "uniform", "w": np.full(len(members), 1.0 / len(members)), "cost": len(members)})
+            weightings.append({"part": "uniform", "w": np.full(len(members), 1.0 / len(members))})
         prior = None
         if args.prior and "prior" in parts:
             prior, ws = load_prior(Path(args.prior), members, ks)
@@ -349,6 +375,7 @@ def main(argv=None):
         W = torch.from_numpy(np.stack([x["w"] for x in weightings])) if weightings \
             else torch.zeros((0, len(members)), dtype=torch.float64)
 
+        keep = byte_targets(members[0].run)
         rank = 0
         if world > 1:
             dist.init_process_group("gloo")
@@ -357,9 +384,9 @@ def main(argv=None):
             need = (W != 0).any(0).numpy() | ("members" in parts)
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" and world > 1 else args.device
             spill = out.with_name(f".{out.name}.members.tmp{os.getpid()}")
-            sums, member_sums = score_forward(members, W, need, device, args.batch_size, rank, world, spill)
+            sums, member_sums = score_forward(members, W, keep, need, device, args.batch_size, rank, world, spill)
         else:
-            sums, member_sums = score_cached(members, W)
+            sums, member_sums = score_cached(members, W, keep)
     except train_q0.UsageError as e:
         die(str(e))
     if world > 1:
@@ -382,12 +409,12 @@ def main(argv=None):
     budgets, curve = {}, {}
     for x, s in zip(weightings, sums):
         if x["part"] == "uniform":
-            res["uniform"] = {"forward_passes": x["cost"], **numbers(s, run)}
+            res["uniform"] = numbers(s, run, forward_passes(x["w"]))
         elif x["part"] == "prior":
-            budgets.setdefault(x["K"], {"K": x["K"], "forward_passes": x["cost"]})[x["weights"]] = numbers(s, run)
+            budgets.setdefault(x["K"], {"K": x["K"]})[x["weights"]] = numbers(s, run, forward_passes(x["w"]))
         else:
-            c = curve.setdefault(x["n"], {k: x[k] for k in ("n", "latest", "epochs")} | {"forward_passes": x["cost"]})
-            c[x["weights"]] = numbers(s, run) | ({"fitness_loss": x["fitness_loss"]} if "fitness_loss" in x else {})
+            c = curve.setdefault(x["n"], {k: x[k] for k in ("n", "latest", "epochs")})
+            c[x["weights"]] = numbers(s, run, forward_passes(x["w"])) | ({"fitness_loss": x["fitness_loss"]} if "fitness_loss" in x else {})
     if prior is not None:
         res["prior"] = {"file": str(args.prior), "solver": prior["solver"]["name"], "budgets": list(budgets.values())}
     res["curve"] = list(curve.values())

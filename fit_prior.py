@@ -299,15 +299,19 @@ def fit_newton(P: torch.Tensor, tol: float = TOL, max_rounds: int = 200) -> Fit:
 
 
 def fit_adamw(P: torch.Tensor, lr: float = ADAMW_LR, steps: int = ADAMW_STEPS) -> Fit:
-    """The public code's solver: w = softmax(alpha), AdamW on alpha (torch's default weight
-    decay), a fixed step count. Its gap is measured, not guaranteed."""
+    """The public code's solver (gradient_select.py): w = softmax(alpha), alpha from 1e-4 N(0, 1)
+    (generator seed 0), AdamW without weight decay, gradient norm clipped at 1, probabilities
+    floored at 1e-12, a fixed step count. Its gap is measured, not guaranteed."""
     t0 = time.perf_counter()
-    alpha = torch.zeros(len(P), requires_grad=True)
-    opt = torch.optim.AdamW([alpha], lr=lr)
+    P = P.float()
+    noise = torch.randn(len(P), generator=torch.Generator(device=P.device).manual_seed(0), device=P.device)
+    alpha = (1e-4 * noise).requires_grad_(True)
+    opt = torch.optim.AdamW([alpha], lr=lr, weight_decay=0.0)
     for _ in range(steps):
-        loss = -(torch.softmax(alpha, 0) @ P).log().mean()
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
+        loss = -(torch.softmax(alpha, 0) @ P).clamp_min(1e-12).log().mean()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_([alpha], max_norm=1.0)
         opt.step()
     w = torch.softmax(alpha.detach().double(), 0).numpy()
     f, g = Mixture(P, exact=True).loss_grad(w)
@@ -435,7 +439,8 @@ def table(prior: dict, members) -> str:
     for b in prior["budgets"]:
         top = ", ".join(f"{r['id']} {w:.3f}" for r, w in zip(b["members"][:4], b["weights_renormalised"]))
         more = f", +{b['K'] - 4}" if b["K"] > 4 else ""
-        lines.append(f"{b['K']:>5} {b['K']:>14} {b['loss_renormalised']:>13.4f} {b['loss_refitted']:>9.4f}  {top}{more}")
+        passes = sum(w > 0 for w in b["weights_renormalised"])  # members with weight: what a user runs
+        lines.append(f"{b['K']:>5} {passes:>14} {b['loss_renormalised']:>13.4f} {b['loss_refitted']:>9.4f}  {top}{more}")
     return "\n".join(lines)
 
 

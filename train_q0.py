@@ -55,14 +55,16 @@ PRESETS = {
         train_tokens=32768, val_tokens=32768, bases=1, cycles=6, cycle_epochs=2.0,
         first_cycle_epochs=6.0, distill_from_cycle=2, lr_matrix=0.02, lr_embed=0.05,
         lr_head=0.004, lr_scalar=0.02, weight_decay=0.2, eval_batch=32,
+        loop_layers=[2, 3], loop_repeats=4,
     ),
     # The tests: seconds per run.
     "tiny": dict(
-        data_dir="data/shakespeare/bytes", n_layer=2, d_model=32, n_head=2, mlp_hidden=64,
+        data_dir="data/shakespeare/bytes", d_model=32, n_head=2, mlp_hidden=64,
         seq_len=32, short_window=16, batch_seqs=8, device_batch=8, fitness_tokens=1,
         train_tokens=4096, val_tokens=2048, bases=1, cycles=3, cycle_epochs=1.0,
         first_cycle_epochs=1.0, distill_from_cycle=2, lr_matrix=0.02, lr_embed=0.05,
         lr_head=0.004, lr_scalar=0.02, weight_decay=0.2, eval_batch=16,
+        n_layer=4, loop_layers=[2, 3], loop_repeats=1,
     ),
 }
 
@@ -95,20 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-head", type=int, default=16)
     g.add_argument("--mlp-hidden", type=int, default=5632, help="SwiGLU hidden width")
     g.add_argument("--seq-len", type=int, default=2048)
-    g.add_argument("--short-window", type=int, default=1024, help="window of the S layers in the SSSL pattern")
+    g.add_argument("--short-window", type=int, default=1024,
+                   help="S layers of the SSSL pattern: a query sees itself and this many earlier tokens")
     g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--loop-layers", type=int, nargs=2, default=[15, 25], metavar=("START", "END"),
+                   help="decoder layers [START, END) run again --loop-repeats times after their first pass "
+                        "(training, teacher and evaluation alike); END = START: no looping")
+    g.add_argument("--loop-repeats", type=int, default=4, help="extra passes of the looped layers")
+    g.add_argument("--iha", action=argparse.BooleanOptionalAction, default=True,
+                   help="interleaved head attention: learned q/k/v head mixing (--no-iha: off)")
+    g.add_argument("--mtp-weight", type=float, default=0.3,
+                   help="multi-token-prediction loss weight (0: no MTP block)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-seqs", type=int, default=256, help="global batch in sequences (256 x 2048 = 524,288 tokens)")
     g.add_argument("--device-batch", type=int, default=8, help="sequences per forward pass per process")
     g.add_argument("--lr-matrix", type=float, default=0.01, help="Muon peak LR (hidden matrices)")
     g.add_argument("--lr-embed", type=float, default=0.0375, help="AdamW peak LR (token embedding)")
     g.add_argument("--lr-head", type=float, default=0.0005, help="AdamW peak LR (output head)")
-    g.add_argument("--lr-scalar", type=float, default=0.025, help="AdamW peak LR (scalars)")
+    g.add_argument("--lr-scalar", type=float, default=0.025,
+                   help="AdamW peak LR of the x0 scalars; residual and skip scalars get 0.01x")
+    g.add_argument("--lr-iha", type=float, default=0.02, help="AdamW peak LR (IHA head-mixing matrices)")
     g.add_argument("--weight-decay", type=float, default=1.3,
-                   help="peak decoupled weight decay of the Muon matrices (multiplied by the LR)")
+                   help="peak decoupled weight decay of the Muon matrices, embedding and head (x LR)")
+    g.add_argument("--decay-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="decay the embedding and the head like the matrices")
     g.add_argument("--muon-momentum", type=float, default=0.95)
-    g.add_argument("--muon-row-norm", type=int, choices=[0, 1], default=1,
-                   help="1: normalise the orthogonalised update row-wise by a second moment (NorMuon)")
+    g.add_argument("--muon-eq-r", action=argparse.BooleanOptionalAction, default=True,
+                   help="MuonEq-R: normalise every row of the momentum before orthogonalising")
+    g.add_argument("--normuon", action=argparse.BooleanOptionalAction, default=True,
+                   help="NorMuon: rescale the update by a second moment along its reduction dimension")
+    g.add_argument("--cautious-wd", action=argparse.BooleanOptionalAction, default=True,
+                   help="decay only weights whose update agrees with them in sign")
     g.add_argument("--grad-clip", type=float, default=1.0)
     g = p.add_argument_group("population layout (the epoch budget is bases x total epochs per base)")
     g.add_argument("--epochs", type=float, default=0,
@@ -612,82 +631,152 @@ def flex_attend(q, k, v, window: int) -> torch.Tensor:
 
 
 # =============================================================================================
-# Model: the Slowrun GPT
+# Model: the Slowrun GPT (the record's architecture, unlimited/train.py at a200723)
 # =============================================================================================
-# SwiGLU MLP, RoPE, QK RMS-norm, a per-head sigmoid gate on the attention output, value
-# embeddings projected from the first layer's input on alternate layers, U-Net skips (encoder
-# layer i feeds decoder layer n-1-i), learned residual and x0 scalars, logits soft-capped at
-# 15*tanh(z/15), dropout, untied head, vocabulary padded to a multiple of 64, and sliding
-# windows in a short-short-short-long pattern. Attention is PyTorch SDPA everywhere.
+# SwiGLU MLP; separate q, k, v projections with interleaved head attention (IHA: learned
+# head-mixing matrices, fused into the projection weights); RoPE then QK RMS-norm; a per-head
+# sigmoid gate on the attention output read from 12 input channels; value embeddings (a
+# projection of x0) added to v on every other layer through a per-head gate read from 32
+# channels; U-Net skips; learned residual and x0 scalars before every block application; a
+# middle block of decoder layers looped (run 1 + loop_repeats times); logits soft-capped at
+# 15*tanh(z/15); an untied head over the vocabulary padded to a multiple of 64; sliding windows in
+# a short-short-short-long pattern (the last layer long); and a multi-token-prediction (MTP) loss
+# through one extra block and the shared head.
+
+GATE_CHANNELS = 12        # the attention output gate reads x[..., :12]
+VALUE_GATE_CHANNELS = 32  # the value-embedding gate reads x[..., :32]
+
 
 @dataclasses.dataclass
 class GPTConfig:
-    vocab_size: int          # the tokenizer's; the embedding and head are padded to a multiple of 64
-    n_layer: int
-    d_model: int
-    n_head: int
-    mlp_hidden: int
-    seq_len: int
-    short_window: int
-    dropout: float = 0.0
-    logit_softcap: float = 15.0
-    window_pattern: str = "SSSL"
+    vocab_size: int                # the tokenizer's; embedding and head are padded to a multiple of 64
+    n_layer: int                   # blocks; the first n_layer // 2 form the U-Net encoder
+    d_model: int                   # residual width
+    n_head: int                    # attention heads of d_model // n_head channels
+    mlp_hidden: int                # SwiGLU hidden width (the record: 5632 = 256 * ceil(8 * 2048 / 3 / 256))
+    seq_len: int                   # training context; RoPE tables are built for it
+    short_window: int              # S layers: a query sees itself and this many earlier tokens
+    dropout: float = 0.0           # on the attention and MLP outputs (0.1 in the record)
+    window_pattern: str = "SSSL"   # per layer, repeated; the last layer is always long
+    logit_softcap: float = 15.0    # logits = cap * tanh(z / cap)
+    loop_start: int = 0            # decoder layers [loop_start, loop_end) run 1 + loop_repeats times
+    loop_end: int = 0              # (loop_end = loop_start: no looping)
+    loop_repeats: int = 4
+    iha: bool = True               # interleaved head attention (q, k and v head mixing)
+    mtp_weight: float = 0.0        # weight of the multi-token-prediction loss (0: no MTP block)
 
     @property
     def padded_vocab(self) -> int:
         return (self.vocab_size + 63) // 64 * 64
 
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_layer // 2
+
     def window(self, layer: int) -> int:
-        long = layer == self.n_layer - 1 or self.window_pattern[layer % len(self.window_pattern)] == "L"
-        return self.seq_len if long else min(self.short_window, self.seq_len)
+        """Earlier tokens a query of `layer` sees (the MTP block, layer n_layer, is long too)."""
+        long = layer >= self.n_layer - 1 or self.window_pattern[layer % len(self.window_pattern)] == "L"
+        return self.seq_len if long else self.short_window
+
+    def decoder_order(self) -> list[int]:
+        """Decoder layers in the order they run: up to the loop's end, the loop again
+        `loop_repeats` times, then the rest (the record: 15-24, 4 x 15-24, 25-29)."""
+        n, s, e = self.n_layer, self.loop_start, self.loop_end
+        if e <= s:
+            return list(range(self.encoder_layers, n))
+        return list(range(self.encoder_layers, e)) + list(range(s, e)) * self.loop_repeats + list(range(e, n))
+
+    def check(self):
+        """Shapes the model cannot take: one line that names the flag."""
+        if self.n_head < 1 or self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise UsageError(f"--d-model {self.d_model} must split into --n-head {self.n_head} heads of even size")
+        if self.d_model < VALUE_GATE_CHANNELS:
+            raise UsageError(f"--d-model {self.d_model}: the value-embedding gate reads {VALUE_GATE_CHANNELS} "
+                             f"channels; use a width of at least {VALUE_GATE_CHANNELS}")
+        if self.loop_end > self.loop_start and not (
+                self.encoder_layers <= self.loop_start < self.loop_end <= self.n_layer):
+            raise UsageError(f"--loop-layers {self.loop_start} {self.loop_end}: the looped block must lie in the "
+                             f"decoder, layers {self.encoder_layers} to {self.n_layer} of --n-layer {self.n_layer}")
 
 
-def _rotary(x: torch.Tensor) -> torch.Tensor:
-    """RoPE over the last dimension of (B, H, T, D)."""
-    T, D = x.shape[-2], x.shape[-1]
-    freqs = 1.0 / (10000 ** (torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D))
-    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), freqs)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
 
 
-def _window_mask(T: int, window: int, device) -> torch.Tensor | None:
-    """Causal mask limited to the last `window` positions; None means plain causal."""
-    if window >= T:
-        return None
-    i = torch.arange(T, device=device)
-    distance = i[:, None] - i[None, :]
-    return (distance >= 0) & (distance < window)
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE, (seq_len, head_dim / 2), rounded to bf16 as the record's model uses them."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos().bfloat16().float(), angles.sin().bfloat16().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of every head: x (B, T, H, D), cos/sin (T, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)                                    # (B, T, H, D/2) each
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, D/2)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def mixed_heads(weight: torch.Tensor, mix: torch.Tensor | None) -> torch.Tensor:
+    """IHA: head h of the projection becomes sum_g mix[h, g] * head g, fused into the weight."""
+    if mix is None:
+        return weight
+    H = mix.size(0)
+    return (mix @ weight.view(H, -1)).view_as(weight)              # (H, D/H * C) -> (D, C)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        d, h = cfg.d_model, cfg.n_head
+        self.n_head, self.head_dim, self.dropout = h, d // h, cfg.dropout
+        self.window = cfg.window(layer)
+        self.q, self.k, self.v = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.proj = nn.Linear(d, d, bias=False)
+        self.gate = nn.Linear(GATE_CHANNELS, h, bias=False)
+        has_value_embed = layer < cfg.n_layer and layer % 2 == (cfg.n_layer - 1) % 2  # the last layer has one
+        self.value_embed = nn.Linear(d, d, bias=False) if has_value_embed else None   # of x0
+        self.value_gate = nn.Linear(VALUE_GATE_CHANNELS, h, bias=False) if has_value_embed else None
+        self.q_mix, self.k_mix, self.v_mix = ((nn.Parameter(torch.eye(h)) for _ in range(3)) if cfg.iha
+                                              else (None, None, None))
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope) -> torch.Tensor:
+        B, T, D = x.shape                                          # x: the normed block input
+        H, hd = self.n_head, self.head_dim
+        q = F.linear(x, mixed_heads(self.q.weight, self.q_mix)).view(B, T, H, hd)
+        k = F.linear(x, mixed_heads(self.k.weight, self.k_mix)).view(B, T, H, hd)
+        v = F.linear(x, mixed_heads(self.v.weight, self.v_mix)).view(B, T, H, hd)
+        if self.value_embed is not None:
+            gate = 2 * torch.sigmoid(self.value_gate(x[..., :VALUE_GATE_CHANNELS]))  # (B, T, H)
+            v = v + gate.unsqueeze(-1) * self.value_embed(x0).view(B, T, H, hd)
+        cos, sin = rope
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window)  # (B, H, T, hd)
+        y = y.transpose(1, 2) * torch.sigmoid(self.gate(x[..., :GATE_CHANNELS])).unsqueeze(-1)  # (B, T, H, hd)
+        return F.dropout(self.proj(y.reshape(B, T, D)), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.down(F.silu(self.gate(x)) * self.up(x)), self.dropout, self.training)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        d, h = cfg.d_model, cfg.n_head
-        self.n_head, self.window, self.dropout = h, cfg.window(layer), cfg.dropout
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.attn_gate = nn.Linear(d, h, bias=False)          # per-head sigmoid gate
-        self.attn_out = nn.Linear(d, d, bias=False)
-        self.value_embed = nn.Linear(d, d, bias=False) if layer % 2 == 0 else None  # from x0
-        self.mlp_gate = nn.Linear(d, cfg.mlp_hidden, bias=False)
-        self.mlp_up = nn.Linear(d, cfg.mlp_hidden, bias=False)
-        self.mlp_down = nn.Linear(cfg.mlp_hidden, d, bias=False)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        h = F.rms_norm(x, (D,))
-        q, k, v = self.qkv(h).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        if self.value_embed is not None:
-            v = v + self.value_embed(x0).view(B, T, self.n_head, -1).transpose(1, 2)
-        q, k = _rotary(F.rms_norm(q, (q.size(-1),))), _rotary(F.rms_norm(k, (k.size(-1),)))
-        y = attend(q, k, v, self.window - 1)  # self.window counts the query itself
-        y = y * torch.sigmoid(self.attn_gate(h)).transpose(1, 2).unsqueeze(-1)
-        y = self.attn_out(y.transpose(1, 2).reshape(B, T, D))
-        x = x + F.dropout(y, self.dropout, self.training)
-        h = F.rms_norm(x, (D,))
-        y = self.mlp_down(F.silu(self.mlp_gate(h)) * self.mlp_up(h))
-        return x + F.dropout(y, self.dropout, self.training)
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.attn(norm(x), x0, rope)
+        return x + self.mlp(norm(x))
 
 
 class GPT(nn.Module):
@@ -698,47 +787,163 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(n))
         self.head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
-        self.resid_scale = nn.Parameter(torch.ones(n))    # x <- resid_scale[i] * x + x0_scale[i] * x0
-        self.x0_scale = nn.Parameter(torch.zeros(n))
-        self.skip_scale = nn.Parameter(torch.ones(n // 2))  # U-Net skip weights
+        self.resid_scale = nn.Parameter(torch.ones(n))     # x <- resid_scale[i] * x + x0_scale[i] * x0
+        self.x0_scale = nn.Parameter(torch.full((n,), 0.1))
+        self.skip_scale = nn.Parameter(torch.ones(cfg.encoder_layers))  # U-Net: weight of encoder output j
+        if cfg.mtp_weight > 0:
+            self.mtp_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+            self.mtp_block = Block(cfg, n)
+        cos, sin = rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_head)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_blocks = False  # recompute each block application in backward (saves memory)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
-        for name, p in self.named_parameters():
-            if p.ndim == 2 and name != "embed.weight":
-                bound = 3 ** 0.5 * 0.5 * p.size(1) ** -0.5
-                p.uniform_(-bound, bound)
+        """The record's init: inputs U(+-sqrt(3/d)), output projections N(0, 1/sqrt(d)), gates 0,
+        head mixing identity, head N(0, 0.001), embedding N(0, 1), x0 scalars 0.1."""
+        bound, std = 3 ** 0.5 * self.cfg.d_model ** -0.5, self.cfg.d_model ** -0.5
         nn.init.normal_(self.embed.weight)
-        for block in self.blocks:  # start every residual branch at zero (modded-nanogpt)
-            block.attn_out.weight.zero_()
-            block.mlp_down.weight.zero_()
-        self.head.weight.zero_()
+        nn.init.normal_(self.head.weight, std=0.001)
+        for block in list(self.blocks) + ([self.mtp_block] if self.cfg.mtp_weight > 0 else []):
+            a, m = block.attn, block.mlp
+            for w in (a.q.weight, a.k.weight, a.v.weight, m.gate.weight, m.up.weight):
+                nn.init.uniform_(w, -bound, bound)
+            nn.init.normal_(a.proj.weight, std=std)
+            nn.init.normal_(m.down.weight, std=std)
+            nn.init.zeros_(a.gate.weight)
+            if a.value_embed is not None:
+                nn.init.uniform_(a.value_embed.weight, -bound, bound)
+                nn.init.zeros_(a.value_gate.weight)
+            for mix in (a.q_mix, a.k_mix, a.v_mix):
+                if mix is not None:
+                    mix.copy_(torch.eye(mix.size(0)))
+        if self.cfg.mtp_weight > 0:
+            nn.init.uniform_(self.mtp_proj.weight, -bound, bound)
+        self.resid_scale.fill_(1.0)
+        self.x0_scale.fill_(0.1)
+        self.skip_scale.fill_(1.0)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def _layer(self, i: int, x: torch.Tensor, x0: torch.Tensor, rope) -> torch.Tensor:
+        """One block application, the residual/x0 mix before it (applied on every pass)."""
+        x = self.resid_scale[i] * x + self.x0_scale[i] * x0
+        if self.checkpoint_blocks and self.training:
+            return torch.utils.checkpoint.checkpoint(self.blocks[i], x, x0, rope, use_reentrant=False)
+        return self.blocks[i](x, x0, rope)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """The normed final hidden states (B, T, D): an encoder that keeps its outputs, then the
+        decoder (looped block included) that adds encoder output n-1-i before layer i."""
+        T, n = idx.size(1), self.cfg.n_layer
+        rope = (self.rope_cos[:T], self.rope_sin[:T])
+        x0 = norm(self.embed(idx))
+        x, skips = x0, []
+        for i in range(self.cfg.encoder_layers):
+            x = self._layer(i, x, x0, rope)
+            skips.append(x)
+        for i in self.cfg.decoder_order():
+            if n - 1 - i < len(skips):
+                x = x + self.skip_scale[n - 1 - i] * skips[n - 1 - i]
+            x = self._layer(i, x, x0, rope)
+        return norm(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Soft-capped logits over the real vocabulary, in float32."""
-        n = self.cfg.n_layer
-        x0 = F.rms_norm(self.embed(idx), (self.cfg.d_model,))
-        x, encoder_out = x0, []
-        for i, block in enumerate(self.blocks):
-            if i >= n - n // 2 and n - 1 - i < n // 2:
-                x = x + self.skip_scale[n - 1 - i] * encoder_out[n - 1 - i]
-            x = self.resid_scale[i] * x + self.x0_scale[i] * x0
-            x = block(x, x0)
-            if i < n // 2:
-                encoder_out.append(x)
-        x = F.rms_norm(x, (self.cfg.d_model,))
-        logits = self.head(x)[..., :self.cfg.vocab_size].float()
+        z = self.head(x)[..., :self.cfg.vocab_size].float()
         cap = self.cfg.logit_softcap
-        return cap * torch.tanh(logits / cap)
+        return cap * torch.tanh(z / cap)
+
+    def mtp_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Predict token t+2 from the hidden state at t and the embedding of token t+1, through
+        the MTP block (long window, no value embedding) and the shared head."""
+        T = x.size(1) - 1
+        nxt = norm(self.embed(targets[:, :-1]))                          # (B, T-1, D)
+        h = self.mtp_proj(torch.cat([x[:, :-1], nxt], dim=-1))           # (B, T-1, 2D) -> (B, T-1, D)
+        h = norm(self.mtp_block(h, h, (self.rope_cos[:T], self.rope_sin[:T])))
+        z = self.logits(h)
+        return F.cross_entropy(z.flatten(0, 1), targets[:, 1:].flatten())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, V); with targets, (logits, MTP loss or 0)."""
+        x = self.hidden(idx)
+        logits = self.logits(x)
+        if targets is None:
+            return logits
+        mtp = self.mtp_loss(x, targets) if self.cfg.mtp_weight > 0 else logits.new_zeros(())
+        return logits, mtp
+
+
+def slowrun_config(ref: dict) -> GPTConfig:
+    """Our GPTConfig for the reference's GPTConfig fields (plus `dupe_layers`: [start, end] or None)."""
+    if ref.get("n_kv_head", ref["n_head"]) != ref["n_head"]:
+        raise UsageError(f"n_kv_head {ref['n_kv_head']} != n_head {ref['n_head']}: q0's model has no grouped-query "
+                         f"attention (the record does not use it)")
+    d, T = ref["n_embd"], ref["sequence_len"]
+    loop = ref.get("dupe_layers") or (0, 0)
+    return GPTConfig(vocab_size=ref["vocab_size"], n_layer=ref["n_layer"], d_model=d, n_head=ref["n_head"],
+                     mlp_hidden=256 * ((8 * d // 3 + 255) // 256), seq_len=T, short_window=T // 2,
+                     dropout=ref.get("dropout", 0.0), window_pattern=ref.get("window_pattern", "SSSL").upper(),
+                     loop_start=loop[0], loop_end=loop[1], iha=bool(ref.get("use_iha", False)),
+                     mtp_weight=float(ref.get("mtp_weight", 0.0)))
+
+
+_SLOWRUN_NAMES = [  # (reference name pattern, ours) - block-level names under transformer.h.{i}.
+    ("attn.c_q.weight", "attn.q.weight"), ("attn.c_k.weight", "attn.k.weight"),
+    ("attn.c_v.weight", "attn.v.weight"), ("attn.c_proj.weight", "attn.proj.weight"),
+    ("attn.attn_gate.weight", "attn.gate.weight"), ("attn.ve_gate.weight", "attn.value_gate.weight"),
+    ("attn.q_mix", "attn.q_mix"), ("attn.k_mix", "attn.k_mix"), ("attn.v_mix", "attn.v_mix"),
+    ("mlp.c_gate.weight", "mlp.gate.weight"), ("mlp.c_fc.weight", "mlp.up.weight"),
+    ("mlp.c_proj.weight", "mlp.down.weight"),
+]
+
+
+def from_slowrun(state_dict: dict, config: dict) -> GPT:
+    """Our GPT holding a snapshot saved by the reference (`model_{i}.pt`), for its configuration
+    given as the reference's GPTConfig fields plus `dupe_layers` ([start, end] or None)."""
+    cfg = slowrun_config(config)
+    cfg.check()
+    model = GPT(cfg)
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state_dict.items()}
+    ours = {"embed.weight": sd.pop("transformer.wte.weight"), "head.weight": sd.pop("lm_head.weight"),
+            "resid_scale": sd.pop("resid_lambdas"), "x0_scale": sd.pop("x0_lambdas"),
+            # the reference indexes skip weights by decoder position i - n/2, ours by encoder layer n-1-i
+            "skip_scale": sd.pop("skip_weights").flip(0)}
+    if cfg.n_layer % 2:
+        raise UsageError(f"n_layer {cfg.n_layer}: the reference's U-Net needs an even layer count")
+    prefixes = [(f"transformer.h.{i}.", f"blocks.{i}.") for i in range(cfg.n_layer)] + [("mtp_block.", "mtp_block.")]
+    for ref_prefix, our_prefix in prefixes:
+        for ref_name, our_name in _SLOWRUN_NAMES:
+            if ref_prefix + ref_name in sd:
+                ours[our_prefix + our_name] = sd.pop(ref_prefix + ref_name)
+    for i in range(cfg.n_layer):
+        if f"ve_projs.{i}.weight" in sd:
+            ours[f"blocks.{i}.attn.value_embed.weight"] = sd.pop(f"ve_projs.{i}.weight")
+    if "mtp_proj.weight" in sd:
+        ours["mtp_proj.weight"] = sd.pop("mtp_proj.weight")
+    if cfg.iha and config.get("iha_mix_v", True) is False:  # v unmixed: the identity mixes exactly that
+        for name, p in model.named_parameters():
+            if name.endswith("attn.v_mix"):
+                ours[name] = torch.eye(p.size(0))
+    if sd:
+        raise UsageError(f"reference state dict has entries q0's model does not know: {sorted(sd)[:4]}; "
+                         f"check the configuration given with it")
+    missing = set(model.state_dict()) - set(ours)
+    if missing:
+        raise UsageError(f"reference state dict lacks {sorted(missing)[:4]}; check the configuration given with it")
+    model.load_state_dict({k: v.float() for k, v in ours.items()})
+    return model
 
 
 # =============================================================================================
-# Optimiser: Muon for hidden matrices, AdamW for embedding, head and scalars
+# Optimiser: Muon for the block matrices, AdamW for embedding, head, scalars and head mixing
 # =============================================================================================
-# Muon orthogonalises the momentum of each matrix with 5 Polar Express Newton-Schulz steps
-# (coefficients from arXiv:2505.16932 as used by modded-nanogpt), then (NorMuon) rescales
-# rows by a running second moment while keeping the update's overall norm.
+# Muon, as the record runs it, on matrices stacked by shape: Nesterov momentum; MuonEq-R (each
+# row of the update normalised); 5 Polar Express steps in bf16 (arXiv:2505.16932's
+# coefficients); NorMuon (a running second moment along the reduction dimension rescales the
+# update, keeping its norm); LR x sqrt(max(1, rows/cols)); cautious weight decay (only where the
+# update and the weight agree in sign) scaled by that LR. The scalars it uses (momentum, beta2,
+# LR, WD) meet the bf16 update in bf16, as in the record.
 
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -750,89 +955,118 @@ POLAR_EXPRESS = (
 
 
 def polar_express(G: torch.Tensor) -> torch.Tensor:
-    """Approximate U V^T of G = U S V^T: every singular value is pushed towards 1."""
-    X = G.bfloat16() if G.is_cuda else G.float()
-    X = X / (X.norm() * 1.02 + 1e-6)  # 2% safety margin: singular values start inside (0, 1)
-    wide = X.size(0) <= X.size(1)
-    if not wide:
-        X = X.mT
+    """Approximate U V^T of every G = U S V^T in a stack (..., rows, cols), in bf16."""
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # singular values start inside (0, 1)
+    tall = G.size(-2) > G.size(-1)
     for a, b, c in POLAR_EXPRESS:
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return (X if wide else X.mT).to(G.dtype)
+        if tall:  # the small Gram matrix: cols x cols
+            A = X.mT @ X
+            X = a * X + X @ (b * A + c * (A @ A))
+        else:
+            A = X @ X.mT
+            X = a * X + (b * A + c * (A @ A)) @ X
+    return X
+
+
+def muon_direction(grad, momentum_buf, moment_buf, momentum: float, beta2: float, eq_r: bool, normuon: bool):
+    """The update direction of a stack of matrices (n, rows, cols); advances both buffers."""
+    momentum_buf.lerp_(grad, 1 - momentum)
+    g = grad.lerp(momentum_buf, momentum)                                   # Nesterov
+    if eq_r:                                                                # MuonEq-R
+        g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
+    u = polar_express(g)
+    if not normuon:
+        return u
+    reduce = -1 if u.size(-2) >= u.size(-1) else -2       # a moment per row (tall) or per column (wide)
+    v_mean = u.float().square().mean(dim=reduce, keepdim=True)
+    size = u.size(reduce)
+    norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt()
+    moment_buf.lerp_(v_mean.to(moment_buf.dtype), 1 - torch.tensor(beta2, dtype=torch.bfloat16))
+    step = moment_buf.clamp_min(1e-10).rsqrt()
+    norm_after = ((v_mean * size) * step.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return u * (step * (norm_before / norm_after.clamp_min(1e-10))).to(u.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """One optimiser, two rules: groups with kind="muon" (2-D hidden matrices) and kind="adamw".
+    """One optimiser, two rules: groups with kind="muon" (matrices of one shape, stacked) and
+    kind="adamw". Every group's "lr" and "weight_decay" are rewritten each step by the schedule
+    from its "peak_lr" and "peak_wd"; the state is plain tensors and ints (weights_only)."""
 
-    Every group's "lr" and "weight_decay" are rewritten each step by the schedule from its
-    "peak_lr" and "peak_wd"; the state is plain tensors, so it checkpoints with weights_only.
-    """
-
-    def __init__(self, groups, momentum=0.95, row_norm=True, betas=(0.8, 0.95), eps=1e-10):
-        super().__init__(groups, dict(momentum=momentum, row_norm=row_norm, betas=betas, eps=eps,
-                                      weight_decay=0.0))
+    def __init__(self, groups, momentum=0.95, beta2=0.95, eq_r=True, normuon=True, cautious=True, eps=1e-10):
+        super().__init__(groups, dict(momentum=momentum, beta2=beta2, eq_r=eq_r, normuon=normuon,
+                                      cautious=cautious, betas=(0.8, 0.95), eps=eps, weight_decay=0.0))
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["kind"] == "muon":
-                    self._muon(p, group)
-                else:
-                    self._adamw(p, group)
+            if group["kind"] == "muon":
+                self._muon(group)
+            else:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._adamw(p, group)
 
-    def _muon(self, p, group):
-        state = self.state[p]
+    def _muon(self, group):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        state = self.state[params[0]]  # the stack's buffers live with its first matrix
+        rows, cols = params[0].shape
         if not state:
-            state["momentum"] = torch.zeros_like(p)
-            state["row_moment"] = torch.zeros(p.size(0), 1, device=p.device, dtype=torch.float32)
-        buf = state["momentum"]
-        buf.lerp_(p.grad, 1 - group["momentum"])
-        update = polar_express(p.grad.lerp(buf, group["momentum"])).float()  # Nesterov
-        if group["row_norm"]:
-            row_sq = update.square().mean(dim=1, keepdim=True)
-            state["row_moment"].lerp_(row_sq, 1 - group["betas"][1])
-            scaled = update * state["row_moment"].clamp_min(1e-10).rsqrt()
-            update = scaled * (update.norm() / scaled.norm().clamp_min(1e-10))
-        lr = group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update.to(p.dtype), alpha=-lr)
+            state["momentum"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype, device=params[0].device)
+            state["moment"] = torch.zeros(len(params), rows, 1, dtype=params[0].dtype, device=params[0].device) \
+                if rows >= cols else torch.zeros(len(params), 1, cols, dtype=params[0].dtype, device=params[0].device)
+        P = torch.stack(params)                                         # (n, rows, cols)
+        u = muon_direction(torch.stack([p.grad for p in params]), state["momentum"], state["moment"],
+                           group["momentum"], group["beta2"], group["eq_r"], group["normuon"])
+        lr = torch.tensor(group["lr"] * max(1.0, rows / cols) ** 0.5, dtype=u.dtype)
+        wd = torch.tensor(group["weight_decay"], dtype=u.dtype)
+        decay = lr * wd * P
+        if group["cautious"]:
+            decay = decay * ((u * P) >= 0)
+        P.sub_(lr * u + decay)
+        torch._foreach_copy_(params, list(P.unbind(0)))
 
     def _adamw(self, p, group):
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
-        t = state["step"].item()
-        beta1, beta2 = group["betas"]
+        t, (beta1, beta2), lr = state["step"], group["betas"], group["lr"]
+        p.mul_(1 - lr * group["weight_decay"])
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
         state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
         denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
 
 
 def build_optimizer(model: GPT, args) -> MuonAdamW:
-    matrices, scalars = [], []
-    for name, p in model.named_parameters():
-        if name.startswith("blocks.") and p.ndim == 2:
-            matrices.append(p)
-        elif p.ndim < 2:
-            scalars.append(p)
+    """The record's groups. Muon: every block matrix (attention, MLP, gates, value embeddings,
+    MTP), stacked by shape. AdamW: head and embedding (decayed like the matrices), residual and
+    skip scalars at 0.01x the scalar LR, x0 scalars with betas (0.96, 0.95), IHA mixing (no decay)."""
+    iha = [p for n, p in model.named_parameters() if n.endswith(("q_mix", "k_mix", "v_mix"))]
+    special = {id(p) for p in iha} | {id(model.embed.weight), id(model.head.weight)}
+    matrices = [p for p in model.parameters() if p.ndim == 2 and id(p) not in special]
+    wd_embed = args.weight_decay if args.decay_embeddings else 0.0
     groups = [
-        dict(kind="muon", params=matrices, peak_lr=args.lr_matrix, peak_wd=args.weight_decay),
-        dict(kind="adamw", params=[model.embed.weight], peak_lr=args.lr_embed, peak_wd=0.0),
-        dict(kind="adamw", params=[model.head.weight], peak_lr=args.lr_head, peak_wd=0.0),
-        dict(kind="adamw", params=scalars, peak_lr=args.lr_scalar, peak_wd=0.0),
+        dict(kind="adamw", params=[model.head.weight], peak_lr=args.lr_head, peak_wd=wd_embed),
+        dict(kind="adamw", params=[model.embed.weight], peak_lr=args.lr_embed, peak_wd=wd_embed),
+        dict(kind="adamw", params=[model.resid_scale], peak_lr=args.lr_scalar * 0.01, peak_wd=0.0),
+        dict(kind="adamw", params=[model.x0_scale], peak_lr=args.lr_scalar, peak_wd=0.0, betas=(0.96, 0.95)),
+        dict(kind="adamw", params=[model.skip_scale], peak_lr=args.lr_scalar * 0.01, peak_wd=0.0),
     ]
+    if iha:
+        groups.append(dict(kind="adamw", params=iha, peak_lr=args.lr_iha, peak_wd=0.0))
+    for shape in sorted({tuple(p.shape) for p in matrices}):
+        groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape],
+                           peak_lr=args.lr_matrix, peak_wd=args.weight_decay))
     for g in groups:
         g["lr"], g["weight_decay"] = g["peak_lr"], g["peak_wd"]
-    return MuonAdamW(groups, momentum=args.muon_momentum, row_norm=bool(args.muon_row_norm))
+    return MuonAdamW(groups, momentum=args.muon_momentum, eq_r=args.muon_eq_r, normuon=args.normuon,
+                     cautious=args.cautious_wd)
 
 
 # =============================================================================================
@@ -878,19 +1112,21 @@ def wd_multiplier(lr_mult: float, lr_floor: float, wd_floor: float) -> float:
 
 
 def noise_scale(cycle: int, cycles: int, start: float, end: float) -> float:
-    """Cosine decay from `start` after the first snapshot to `end` after the last."""
-    frac = (cycle - 1) / max(1, cycles - 1)
+    """Cosine decay from `start` after the first snapshot to `end` after the last one that a cycle
+    follows (snapshot cycles - 1), as the record schedules it."""
+    frac = (cycle - 1) / max(1, cycles - 2)
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
 @torch.no_grad()
 def add_snapshot_noise(model: GPT, scale: float, generator: torch.Generator):
-    """Perturb every weight matrix by Gaussian noise of std scale * std(W): a kick out of the basin
-    the snapshot settled in, so the next cycle explores a different one. The noise is drawn on the
-    weights' device from `generator` (seeded alike on every rank of a group, so ranks stay equal),
-    and std(W) stays a device tensor: no host round trip per matrix."""
+    """Perturb every tensor of more than one number (matrices, embedding, head, scalar vectors, head
+    mixing: what the record perturbs) by Gaussian noise of std scale * std(W): a kick out of the
+    basin the snapshot settled in, so the next cycle explores a different one. The noise is drawn on
+    the weights' device from `generator` (seeded alike on every rank of a group, so ranks stay
+    equal), and std(W) stays a device tensor: no host round trip per tensor."""
     for p in model.parameters():
-        if p.ndim == 2 and scale > 0:
+        if p.numel() > 1 and scale > 0:
             noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
             p.add_((noise * (scale * p.float().std())).to(p.dtype))
 
@@ -899,9 +1135,13 @@ def add_snapshot_noise(model: GPT, scale: float, generator: torch.Generator):
 # Chain distillation
 # =============================================================================================
 
-def distillation_loss(logits, targets, teacher_logits=None, alpha=0.45, temperature=1.2):
-    """(1-a) CE(student, y) + a T^2 KL(softmax(teacher/T) || softmax(student/T)), per token."""
+def distillation_loss(logits, targets, teacher_logits=None, alpha=0.45, temperature=1.2, mtp=None, mtp_weight=0.0):
+    """The training loss per token: CE(student, y) + w MTP without a teacher; with one,
+    (1-a) (CE + w MTP) + a T^2 KL(softmax(teacher/T) || softmax(student/T)), as the record
+    folds MTP into the ground-truth side of the trade-off."""
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    if mtp is not None and mtp_weight > 0:
+        ce = ce + mtp_weight * mtp
     if teacher_logits is None:
         return ce
     T = temperature
@@ -964,6 +1204,15 @@ def token_probs(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, d
 
 def mean_nll(probs: np.ndarray) -> float:
     return float(-np.log(probs.astype(np.float64)).mean())
+
+
+def bits_per_byte(probs: np.ndarray, targets: np.ndarray, bos_id: int, text_bytes: int | None) -> float | None:
+    """The record's bits per byte: the nats of every target but BOS (a BOS target carries no bytes,
+    so it carries no nats either) over the UTF-8 bytes of the targets, in bits."""
+    if not text_bytes:
+        return None
+    keep = targets != bos_id
+    return float(-np.log(probs[keep].astype(np.float64)).sum() / (math.log(2) * text_bytes))
 
 
 def probs_to_cache(probs: np.ndarray) -> np.ndarray:
@@ -1035,6 +1284,15 @@ def load_data(args) -> RunData:
 #            /checkpoints/baseB.pt                            resume state of base B
 #            /manifest.json      run.json plus every snapshot record, written at the end
 
+RUN_VERSION = 2  # 2: the record's model (looping, IHA, MTP, separate q/k/v) and optimiser
+
+
+def check_run_version(run: dict, run_dir) -> None:
+    if run.get("version") != RUN_VERSION:
+        raise UsageError(f"{run_dir} was written by an older q0 (run format {run.get('version')}, this code writes "
+                         f"{RUN_VERSION}): its model differs; retrain it, or use the q0 version that trained it")
+
+
 def snapshot_id(base: int, cycle: int) -> str:
     return f"b{base}c{cycle}"
 
@@ -1059,6 +1317,7 @@ def load_snapshot_model(run_dir, record: dict, device="cpu", check_sha=True) -> 
         raise UsageError(f"snapshot {record['id']} is missing its weights {path}")
     if check_sha and sha256_file(path) != record["weights_sha256"]:
         raise UsageError(f"{path} does not match the SHA-256 in its record: the file changed since it was written")
+    check_run_version(run, run_dir)
     model = GPT(GPTConfig(**run["model"]))
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.to(device).eval()
@@ -1131,6 +1390,7 @@ def prepare_run_dir(args, data: RunData, model_cfg: GPTConfig, cycles: list[Cycl
     run_dir = Path(args.runs_dir) / args.run_name
     pop = population_config(args)
     if (run_dir / "run.json").exists():
+        check_run_version(load_run(run_dir), run_dir)
         old = load_run(run_dir)["population_config"]
         changed = sorted(k for k in set(old) | set(pop) if old.get(k) != pop.get(k))
         if changed:
@@ -1144,7 +1404,7 @@ def prepare_run_dir(args, data: RunData, model_cfg: GPTConfig, cycles: list[Cycl
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     epochs_per_base = sum(c.epochs for c in cycles)
     run = {
-        "format": "q0-run", "version": 1,
+        "format": "q0-run", "version": RUN_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "population_config": pop, "model": dataclasses.asdict(model_cfg),
         "tokenizer": data.tokenizer, "vocab_size": data.vocab_size, "bos_id": data.bos_id,
@@ -1340,13 +1600,13 @@ class BaseTrainer:
             sync = nullcontext() if (self.ddp is None or a == accum - 1) else self.ddp.no_sync()
             with sync:
                 with autocast_for(self.device):
-                    logits = self.forward(rows[:, :-1])
+                    logits, mtp = self.forward(rows[:, :-1], rows[:, 1:])
                     teacher_logits = None
                     if distill:
                         with torch.no_grad():
                             teacher_logits = self.teacher_forward(rows[:, :-1])
-                loss = distillation_loss(logits, rows[:, 1:], teacher_logits,
-                                         args.distill_alpha, args.distill_temperature)
+                loss = distillation_loss(logits, rows[:, 1:], teacher_logits, args.distill_alpha,
+                                         args.distill_temperature, mtp, args.mtp_weight)
                 (loss / accum).backward()
             loss_sum += loss.detach()
         if args.grad_clip > 0:
@@ -1369,7 +1629,7 @@ class BaseTrainer:
                           self.layout.group)
         base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / len(self.stream)
         val_loss = mean_nll(val)
-        bpb = (val_loss * val.size / (math.log(2) * self.data.val_bytes)) if self.data.val_bytes else None
+        bpb = bits_per_byte(val, self.data.val[1:], self.data.bos_id, self.data.val_bytes)
         record = {"id": sid, "base": self.base, "cycle": cycle.index, "step": self.step,
                   "base_epochs": round(base_epochs, 6), "val_loss": val_loss, "val_bpb": bpb,
                   "fitness_loss": mean_nll(fitness), "weights": f"snapshots/{sid}.pt",
@@ -1483,9 +1743,9 @@ def _flop_formulas() -> dict:
             aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
 
 
-def trace_step(cfg: GPTConfig, args, device_batch: int, checkpoint: bool, distill: bool) -> dict:
-    """One micro-batch of training on fake tensors: FLOPs of each part and the peak memory of
-    weights, gradients, optimiser state, teacher and activations together."""
+def trace_step(cfg: GPTConfig, args, device_batch: int, checkpoint: bool, distill: bool, memory: bool = True) -> dict:
+    """One micro-batch of training on fake tensors: FLOPs of each part and (`memory`: the slow
+    part) the peak memory of weights, gradients, optimiser state, teacher and activations together."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -1509,8 +1769,9 @@ def trace_step(cfg: GPTConfig, args, device_batch: int, checkpoint: bool, distil
         # and without autocast's weight cache, it holds what the frozen teacher of a run holds.
         teacher = GPT(cfg).eval() if distill else None
         idx = torch.randint(0, cfg.vocab_size, (device_batch, cfg.seq_len + 1))
-        tracker = MemTracker()
-        tracker.track_external(model, optimizer, *([teacher] if teacher is not None else []))
+        tracker = MemTracker() if memory else nullcontext()
+        if memory:
+            tracker.track_external(model, optimizer, *([teacher] if teacher is not None else []))
         with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
             teacher_logits = None
             if teacher is not None:
@@ -1519,13 +1780,14 @@ def trace_step(cfg: GPTConfig, args, device_batch: int, checkpoint: bool, distil
                     teacher_logits = teacher(idx[:, :-1])
                 flops["teacher"] = fc.get_total_flops()
             with FlopCounterMode(display=False, custom_mapping=formulas) as fc:
-                loss = distillation_loss(model(idx[:, :-1]), idx[:, 1:], teacher_logits,
-                                         args.distill_alpha, args.distill_temperature)
+                logits, mtp = model(idx[:, :-1], idx[:, 1:])  # as BaseTrainer.train_step calls it
+                loss = distillation_loss(logits, idx[:, 1:], teacher_logits, args.distill_alpha,
+                                         args.distill_temperature, mtp, args.mtp_weight)
                 loss.backward()
             flops["student"] = fc.get_total_flops()
-            del loss, teacher_logits
+            del loss, logits, mtp, teacher_logits
             optimizer.step()
-        peak = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+        peak = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values()) if memory else None
         params = sum(p.numel() for p in model.parameters())
         state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                     if torch.is_tensor(t))
@@ -1546,9 +1808,12 @@ class PlanTarget:
 
 
 def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget) -> dict:
+    """The plan; memory is traced for CUDA targets and --dry-run (a CPU run's tests skip its cost)."""
     distills = 0 < args.distill_from_cycle <= args.cycles and args.cycles > 1
-    step = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, distills)
-    plain = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, False) if distills else step
+    memory = target.device == "cuda" or args.dry_run
+    step = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, distills, memory)
+    plain = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, False) \
+        if distills and memory else step
     groups = args.groups or math.gcd(args.bases, target.processes)
     group_size = target.processes // groups
     rate = args.peak_tflops * 1e12 * args.mfu  # FLOP/s per process
@@ -1572,7 +1837,8 @@ def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget) -> d
         "student_flops_per_token": plain["student_flops_per_token"], "teacher_flops_per_token": fwd,
         "optimizer_flops_per_step": plain["optimizer_flops"],
         "step_tokens": args.batch_seqs * cfg.seq_len,
-        "peak_gib": plain["peak_bytes"] / GIB, "peak_gib_distilling": step["peak_bytes"] / GIB if distills else None,
+        "peak_gib": plain["peak_bytes"] / GIB if memory else None,
+        "peak_gib_distilling": step["peak_bytes"] / GIB if distills and memory else None,
         "snapshot_gib": (weight_bytes + cache_bytes) / GIB, "snapshots": snapshots,
         "disk_gib": (snapshots * (weight_bytes + cache_bytes) + (args.bases + groups) * checkpoint_bytes) / GIB,
         "hours_per_epoch": epoch_seconds / 3600,
@@ -1590,8 +1856,9 @@ def _hours(h: float) -> str:
 
 def plan_lines(plan: dict, args) -> list[str]:
     t = plan["target"]
-    peak = _gib(plan["peak_gib"]) + (f", distilling {_gib(plan['peak_gib_distilling'])}"
-                                     if plan["peak_gib_distilling"] is not None else "")
+    peak = "traced for CUDA runs and --dry-run" if plan["peak_gib"] is None else \
+        _gib(plan["peak_gib"]) + (f", distilling {_gib(plan['peak_gib_distilling'])}"
+                                  if plan["peak_gib_distilling"] is not None else "") + " (estimate)"
     return [
         f"plan: {plan['params']:,} parameters | {t['processes']} process(es) on {t['device']}, {plan['groups']} group(s)"
         f" of {plan['group_size']} | data {t['train_tokens']:,} train, {t['fitness_tokens']:,} fitness, "
@@ -1603,7 +1870,7 @@ def plan_lines(plan: dict, args) -> list[str]:
         f"{plan['step_tokens'] * plan['teacher_flops_per_token']:.3e} (distilling), Muon "
         f"{plan['optimizer_flops_per_step']:.3e} on each process",
         f"plan: peak memory per process at --device-batch {args.device_batch}"
-        f"{' with' if args.checkpoint_activations else ' without'} activation checkpointing: {peak} (estimate)",
+        f"{' with' if args.checkpoint_activations else ' without'} activation checkpointing: {peak}",
         f"plan: disk: {plan['snapshots']} snapshots x {_gib(plan['snapshot_gib'])} (weights and caches) + "
         f"checkpoints = {_gib(plan['disk_gib'])}",
         f"plan: at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s per process: {_hours(plan['hours_per_epoch'])} "
@@ -1630,6 +1897,15 @@ def check_disk(plan: dict, run_dir: Path):
 # Main
 # =============================================================================================
 
+def model_config(args, vocab_size: int) -> GPTConfig:
+    cfg = GPTConfig(vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
+                    mlp_hidden=args.mlp_hidden, seq_len=args.seq_len, short_window=args.short_window,
+                    dropout=args.dropout, loop_start=args.loop_layers[0], loop_end=args.loop_layers[1],
+                    loop_repeats=args.loop_repeats, iha=args.iha, mtp_weight=args.mtp_weight)
+    cfg.check()
+    return cfg
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     if dist.is_initialized():  # a group the caller started (the tests' fake world of 8)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -1643,14 +1919,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         return dist.get_world_size(), dist.get_rank(), torch.device("cuda", local)
     dist.init_process_group("gloo")
     return dist.get_world_size(), dist.get_rank(), torch.device("cpu")
-
-
-def model_config(args, vocab_size: int) -> GPTConfig:
-    if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
-        raise UsageError(f"--d-model {args.d_model} must split into --n-head {args.n_head} heads of even size")
-    return GPTConfig(vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
-                     mlp_hidden=args.mlp_hidden, seq_len=args.seq_len, short_window=args.short_window,
-                     dropout=args.dropout)
 
 
 def dry_run(args) -> int:

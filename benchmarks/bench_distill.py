@@ -27,9 +27,7 @@ def main():
     args = q0.parse_args(["--preset", opts.preset, *rest])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = q0.load_data(args)
-    cfg = q0.GPTConfig(vocab_size=data.vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
-                       mlp_hidden=args.mlp_hidden, seq_len=args.seq_len, short_window=args.short_window,
-                       dropout=args.dropout)
+    cfg = q0.model_config(args, data.vocab_size)
     cycles = q0.plan_cycles(args, data.train.size)
     layout = q0.make_layout(args, 1, 0, cycles)
     with tempfile.TemporaryDirectory() as tmp:

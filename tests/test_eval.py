@@ -14,7 +14,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import run_train  # noqa: E402
-from test_prior import assert_clean_error, cli, make_run, synthetic  # noqa: E402
+from test_prior import assert_clean_error, cli, make_run, synthetic, val_tokens  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 import eval as eval_py  # noqa: E402
@@ -42,13 +42,16 @@ def test_cached_eval_numbers(population):
     for i, m in zip(order, res["members"]):
         assert m["forward_passes"] == 1
         assert abs(m["loss"] - nll_sum(val[i:i + 1], np.ones(1)) / 600) < 1e-9
-        assert abs(m["bpb"] - nll_sum(val[i:i + 1], np.ones(1)) / (np.log(2) * 1234)) < 1e-9
+        keep = val_tokens(600)[1:] != 0                  # BOS targets carry no bytes and no nats
+        assert abs(m["bpb"] - nll_sum(val[i:i + 1, keep], np.ones(1)) / (np.log(2) * 1234)) < 1e-9
     assert res["uniform"]["forward_passes"] == 6
     assert abs(res["uniform"]["loss"] - nll_sum(val, np.full(6, 1 / 6)) / 600) < 1e-9
     prior = json.loads((run / "prior.json").read_text())
     ids = [f"b{i % 2}c{i // 2}" for i in range(6)]
     for b, pb in zip(res["prior"]["budgets"], prior["budgets"]):
-        assert b["K"] == pb["K"] == b["forward_passes"]
+        assert b["K"] == pb["K"]
+        for kind in ("renormalised", "refitted"):   # members with weight: what a user runs
+            assert b[kind]["forward_passes"] == sum(w > 0 for w in pb[f"weights_{kind}"]) <= b["K"]
         for kind in ("renormalised", "refitted"):
             w = np.zeros(6)
             w[[ids.index(m["id"]) for m in pb["members"]]] = pb[f"weights_{kind}"]
@@ -56,7 +59,8 @@ def test_cached_eval_numbers(population):
     curve = res["curve"]
     assert [c["n"] for c in curve] == [1, 2, 3, 4, 5, 6]
     assert [c["epochs"] for c in curve] == [2, 4, 6, 8, 10, 12]  # per base: its latest base_epochs
-    assert [c["forward_passes"] for c in curve] == [1, 2, 3, 4, 5, 6]
+    assert [c["uniform"]["forward_passes"] for c in curve] == [1, 2, 3, 4, 5, 6]
+    assert all(1 <= c["prior"]["forward_passes"] <= c["n"] for c in curve)
     assert abs(curve[-1]["uniform"]["loss"] - res["uniform"]["loss"]) < 1e-12
     assert abs(curve[-1]["prior"]["fitness_loss"] - prior["loss"]) < 1e-6
     assert abs(curve[0]["prior"]["loss"] - res["members"][0]["loss"]) < 1e-12
@@ -154,8 +158,9 @@ def test_scores_in_token_chunks_equal_the_whole(monkeypatch):
     W = torch.cat([W, torch.zeros(7, 1, dtype=W.dtype)], 1)
     need = np.array([True] * 4 + [False])
     monkeypatch.setattr(eval_py, "CHUNK_ELEMS", 5 * 1024)
-    sums, member_sums = eval_py.score_chunks(lambda s, e: P[:, s:e], 5, 5000, W, need)
+    keep = torch.from_numpy((rng.uniform(size=5000) > 0.1).astype(np.float64))  # targets that carry bytes
+    sums, member_sums = eval_py.score_chunks(lambda s, e: P[:, s:e], 5, 5000, W, keep, need)
     whole = torch.from_numpy(P).double()
-    np.testing.assert_allclose(sums, -(W @ whole).log().sum(1).numpy(), rtol=1e-12)
-    np.testing.assert_allclose(member_sums[:4], -whole[:4].log().sum(1).numpy(), rtol=1e-12)
-    assert member_sums[4] == 0
+    np.testing.assert_allclose(sums, eval_py.nll_sums(W @ whole, keep).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(member_sums[:4], eval_py.nll_sums(whole[:4], keep).numpy(), rtol=1e-12)
+    assert (member_sums[4] == 0).all()

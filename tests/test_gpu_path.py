@@ -191,59 +191,75 @@ def test_world_of_eight_runs_main_through_the_default_layout(small_data, tmp_pat
 
 # --- the preflight plan --------------------------------------------------------------------------
 
-def direct_counts(cfg, batch: int):
-    """Parameters, and FLOPs per token counted by hand on a real forward: 2 x in x out for every
-    Linear call, 4 B H T^2 D for every attention call (the dense square); a backward costs twice a
-    Linear's forward and 2.5 times attention's (FlopCounterMode's convention: scores recomputed)."""
-    torch.manual_seed(0)
-    model = q0.GPT(q0.GPTConfig(**cfg))
-    linear, attention = [0], [0]
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            m.register_forward_hook(lambda mod, inp, out: linear.__setitem__(
-                0, linear[0] + 2 * mod.in_features * mod.out_features * out.shape[:-1].numel()))
-    real_sdpa = q0.sdpa_attend
+class CountingMode(torch.overrides.TorchFunctionMode):
+    """FLOPs counted by hand at the Python level on real tensors, independently of the trace's
+    dispatch-level FlopCounterMode: 2 m k n for every F.linear and matmul, 4 B H T S D for every
+    attention call (the dense square)."""
 
-    def counting_sdpa(q, k, v, window):
-        B, H, T, D = q.shape
-        attention[0] += 4 * B * H * T * T * D
-        return real_sdpa(q, k, v, window)
-    tokens = batch * cfg["seq_len"]
-    with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(q0, "sdpa_attend", counting_sdpa)
-        model(torch.zeros(batch, cfg["seq_len"], dtype=torch.long))
-    forward = (linear[0] + attention[0]) / tokens
-    student = (3 * linear[0] + 3.5 * attention[0]) / tokens
+    def __init__(self):
+        super().__init__()
+        self.matmul, self.attention = 0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.nn.functional.linear:
+            self.matmul += 2 * out.numel() * args[1].shape[1]
+        elif func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__):
+            self.matmul += 2 * out.numel() * args[0].shape[-1]
+        elif func is torch.nn.functional.scaled_dot_product_attention:
+            B, H, T, D = args[0].shape
+            self.attention += 4 * B * H * T * args[1].shape[-2] * D
+        return out
+
+
+def direct_counts(args, batch: int):
+    """Parameters, and FLOPs per token of a real forward of the model as train_step calls it; a
+    backward costs twice a matmul's forward and 2.5 times attention's (FlopCounterMode's convention:
+    the scores are recomputed). Muon: 5 Polar Express steps of X X^T, A A and (bA + cA A) X."""
+    cfg = q0.model_config(args, 256)
+    torch.manual_seed(0)
+    model = q0.GPT(cfg)
+    idx = torch.randint(0, 256, (batch, cfg.seq_len + 1))
+    with CountingMode() as count:
+        model.eval()(idx[:, :-1])
+    forward = (count.matmul + count.attention) / idx[:, 1:].numel()
+    with CountingMode() as count:
+        model.train()(idx[:, :-1], idx[:, 1:])
+    student = (3 * count.matmul + 3.5 * count.attention) / idx[:, 1:].numel()
     muon = 0
-    for p in q0.build_optimizer(model, q0.parse_args(["--preset", "tiny"])).param_groups[0]["params"]:
-        m, n = sorted(p.shape)
-        muon += len(q0.POLAR_EXPRESS) * (4 * m * m * n + 2 * m ** 3)  # X X^T, A A, (bA + cA A) X
+    for group in q0.build_optimizer(model, args).param_groups:
+        for p in group["params"] if group["kind"] == "muon" else []:
+            m, n = sorted(p.shape)
+            muon += len(q0.POLAR_EXPRESS) * (4 * m * m * n + 2 * m ** 3)
     return sum(p.numel() for p in model.parameters()), forward, student, muon
 
 
 def test_plan_counts_match_a_direct_count():
-    cfg = dict(TINY_CFG, seq_len=64, short_window=32)
-    params, forward, student, muon = direct_counts(cfg, batch=2)
-    args = q0.parse_args(["--preset", "tiny", "--seq-len", "64", "--device-batch", "2"])
-    traced = q0.trace_step(q0.GPTConfig(**cfg), args, device_batch=2, checkpoint=False, distill=True)
+    """The tiny preset's model: looped layers, IHA, value embeddings, MTP, sliding windows."""
+    args = q0.parse_args(["--preset", "tiny", "--seq-len", "64", "--short-window", "20", "--device-batch", "2"])
+    params, forward, student, muon = direct_counts(args, batch=2)
+    cfg = q0.model_config(args, 256)
+    traced = q0.trace_step(cfg, args, device_batch=2, checkpoint=False, distill=True)
     assert traced["params"] == params
     assert traced["teacher_flops_per_token"] == pytest.approx(forward, rel=1e-9)
     assert traced["student_flops_per_token"] == pytest.approx(student, rel=1e-9)
     assert traced["optimizer_flops"] == pytest.approx(muon, rel=1e-9)
-    small, big = (q0.trace_step(q0.GPTConfig(**cfg), args, device_batch=b, checkpoint=False, distill=False)
-                  for b in (2, 8))
-    assert big["peak_bytes"] > small["peak_bytes"] >= 8 * params + small["optimizer_state_bytes"]  # + activations
+    plain, checkpointed = (q0.trace_step(cfg, args, device_batch=2, checkpoint=c, distill=False) for c in (False, True))
+    assert traced["peak_bytes"] > plain["peak_bytes"] >= 8 * params + plain["optimizer_state_bytes"]  # + activations
+    assert checkpointed["peak_bytes"] < plain["peak_bytes"]  # --checkpoint-activations recomputes each block
+    assert checkpointed["student_flops_per_token"] > plain["student_flops_per_token"]  # ... at a cost
 
 
 def test_dry_run_prints_the_plan_and_a_run_that_cannot_fit_is_refused(small_data, tmp_path):
     import subprocess
     import sys
     cmd = [sys.executable, str(REPO / "train_q0.py"), "--preset", "tiny", "--data-dir", str(small_data),
-           "--fitness-tokens", "1000", "--runs-dir", str(tmp_path), "--dry-run"]
+           "--fitness-tokens", "1000", "--runs-dir", str(tmp_path), "--dry-run", "--distill-from-cycle", "0"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert [line.split(":")[1].strip().split()[0] for line in lines] == ["38,021", "FLOPs", "peak", "disk", "at"]
+    params = sum(p.numel() for p in q0.GPT(q0.model_config(q0.parse_args(["--preset", "tiny"]), 256)).parameters())
+    assert [line.split(":")[1].strip().split()[0] for line in lines] == [f"{params:,}", "FLOPs", "peak", "disk", "at"]
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
     plan = {"disk_gib": 1e9, "snapshots": 480, "snapshot_gib": 3.39}
     with pytest.raises(q0.UsageError, match=r"needs 1000000000.0 GiB more for 480 snapshots .* GiB free"):

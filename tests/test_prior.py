@@ -16,6 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import fit_prior  # noqa: E402
+import train_q0  # noqa: E402
 
 
 def sha(path: Path) -> str:
@@ -29,6 +30,13 @@ def synthetic(m: int, t: int, seed: int) -> np.ndarray:
     return np.maximum(1 / (1 + np.exp(-logit)), 2.0 ** -24).astype(np.float16)
 
 
+def val_tokens(targets: int) -> np.ndarray:
+    """Bytes-tokenizer validation tokens for a synthetic run: a document starts every 97 tokens."""
+    tokens = np.random.default_rng(targets).integers(1, 256, targets + 1).astype(np.uint16)
+    tokens[::97] = 0
+    return tokens
+
+
 def make_run(root: Path, name: str, fit: np.ndarray, val: np.ndarray | None, bases: int = 1,
              fitness_sha: str = "f" * 64, tokenizer: str = "bytes", text_bytes: int | None = 5000,
              cycle_epochs: float = 2.0) -> Path:
@@ -36,10 +44,13 @@ def make_run(root: Path, name: str, fit: np.ndarray, val: np.ndarray | None, bas
     d = root / name
     (d / "snapshots").mkdir(parents=True)
     tv = val.shape[1] if val is not None else 10
+    tokens = val_tokens(tv)
+    train_q0.write_shard(d / "val.q0t", tokens, vocab_size=256, bos_id=0, tokenizer="bytes", text_bytes=tv)
     (d / "run.json").write_text(json.dumps({
-        "format": "q0-run", "version": 1, "tokenizer": tokenizer, "vocab_size": 256, "seq_len": 32,
+        "format": "q0-run", "version": 2, "tokenizer": tokenizer, "vocab_size": 256, "bos_id": 0, "seq_len": 32,
         "fitness": {"tokens": fit.shape[1] + 1, "targets": fit.shape[1], "sha256": fitness_sha},
-        "val": {"path": "none", "tokens": tv + 1, "targets": tv, "text_bytes": text_bytes, "sha256": "v" * 64}}))
+        "val": {"path": str(d / "val.q0t"), "tokens": tv + 1, "targets": tv, "text_bytes": text_bytes,
+                "sha256": train_q0.tokens_sha256(tokens)}}))
     for i in range(len(fit)):
         b, c = i % bases, i // bases
         sid = f"b{b}c{c}"

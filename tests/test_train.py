@@ -88,8 +88,8 @@ def test_recipe_explicit_flags_win_and_contradictions_are_refused():
 
 def test_noise_scale_decays_from_start_to_end():
     assert q0.noise_scale(1, 10, 0.25, 0.05) == pytest.approx(0.25)
-    assert q0.noise_scale(10, 10, 0.25, 0.05) == pytest.approx(0.05)
-    values = [q0.noise_scale(c, 10, 0.25, 0.05) for c in range(1, 11)]
+    assert q0.noise_scale(9, 10, 0.25, 0.05) == pytest.approx(0.05)  # the last noise: after snapshot 9 of 10
+    values = [q0.noise_scale(c, 10, 0.25, 0.05) for c in range(1, 10)]
     assert all(a > b for a, b in zip(values, values[1:]))
 
 
@@ -114,7 +114,7 @@ def test_polar_express_orthogonalises(shape):
     torch.manual_seed(1)
     U, _, Vh = torch.linalg.svd(torch.randn(*shape), full_matrices=False)
     G = U @ torch.diag(torch.logspace(-2, 0, min(shape))) @ Vh * 7.0  # condition number 100
-    X = q0.polar_express(G)
+    X = q0.polar_express(G).float()  # bf16, as the record computes it
     s = torch.linalg.svdvals(X)
     assert s.min() > 0.7 and s.max() < 1.2     # all singular values pushed towards 1
     cos = (X * (U @ Vh)).sum() / (X.norm() * (U @ Vh).norm())
@@ -122,24 +122,23 @@ def test_polar_express_orthogonalises(shape):
 
 
 def test_optimizer_groups_and_weight_decay():
-    args = args_for()
-    model = q0.GPT(q0.GPTConfig(vocab_size=256, n_layer=2, d_model=32, n_head=2, mlp_hidden=64, seq_len=16,
-                                short_window=8))
+    args = args_for(cautious_wd=False)
+    model = q0.GPT(q0.model_config(args, 256))
     opt = q0.build_optimizer(model, args)
     grouped = [p for g in opt.param_groups for p in g["params"]]
     assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})
-    muon = opt.param_groups[0]
-    assert muon["kind"] == "muon" and all(p.ndim == 2 for p in muon["params"])
-    # with a zero gradient, a Muon step is pure decoupled weight decay: p <- p (1 - lr wd)
-    p = muon["params"][0]
+    muon = [g for g in opt.param_groups if g["kind"] == "muon"]
+    assert all(len({p.shape for p in g["params"]}) == 1 for g in muon)  # stacked by shape
+    # with a zero gradient (and no cautious mask), a Muon step is pure decoupled weight decay
+    p = muon[0]["params"][0]
     before = p.detach().clone()
     for q in model.parameters():
         q.grad = torch.zeros_like(q)
-    muon["lr"], muon["weight_decay"] = 0.1, 0.5
-    for g in opt.param_groups[1:]:
-        g["lr"] = 0.0
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = (0.1, 0.5) if g is muon[0] else (0.0, 0.0)
     opt.step()
-    assert torch.allclose(p, before * (1 - 0.05), atol=1e-6)
+    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+    torch.testing.assert_close(p.detach(), before * (1 - 0.1 * scale * 0.5), atol=1e-3, rtol=1e-2)  # bf16 lr x wd
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -173,8 +172,8 @@ def test_data_order_is_seeded_per_base_and_epoch_and_independent_of_processes():
 
 def test_token_probs_covers_every_target_once(small_data):
     torch.manual_seed(0)
-    model = q0.GPT(q0.GPTConfig(vocab_size=256, n_layer=2, d_model=32, n_head=2, mlp_hidden=64, seq_len=16,
-                                short_window=8))
+    model = q0.GPT(q0.GPTConfig(vocab_size=256, n_layer=4, d_model=32, n_head=2, mlp_hidden=64, seq_len=16,
+                                short_window=8, loop_start=2, loop_end=3, mtp_weight=0.3))
     tokens = q0.read_tokens(small_data / "val.q0t").tokens[:101]
     probs = q0.token_probs(model, tokens, seq_len=16, batch_size=3, device="cpu")
     assert probs.shape == (100,) and (probs > 0).all()
