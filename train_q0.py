@@ -850,7 +850,9 @@ class GPT(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Soft-capped logits over the real vocabulary, in float32."""
-        z = self.head(x)[..., :self.cfg.vocab_size].float()
+        # the head's weight, not the module: the chunked loss calls this outside forward(), where a
+        # module call would read as a new iteration to the preflight's memory tracker
+        z = F.linear(x, self.head.weight)[..., :self.cfg.vocab_size].float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(z / cap)
 
@@ -861,17 +863,18 @@ class GPT(nn.Module):
         nxt = norm(self.embed(targets[:, :-1]))                          # (B, T-1, D)
         h = self.mtp_proj(torch.cat([x[:, :-1], nxt], dim=-1))           # (B, T-1, 2D) -> (B, T-1, D)
         h = norm(self.mtp_block(h, h, (self.rope_cos[:T], self.rope_sin[:T])))
-        z = self.logits(h)
-        return F.cross_entropy(z.flatten(0, 1), targets[:, 1:].flatten())
+        return chunked_distillation_loss(self, h, targets[:, 1:])  # logits a chunk of tokens at a time
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, V); with targets, (logits, MTP loss or 0)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, hidden: bool = False):
+        """Logits (B, T, V); with targets, (logits, MTP loss or 0). hidden=True gives the normed
+        hidden states in place of the logits: the training loss and the evaluation make the
+        logits from them a chunk of tokens at a time (chunked_distillation_loss, token_probs)."""
         x = self.hidden(idx)
-        logits = self.logits(x)
+        out = x if hidden else self.logits(x)
         if targets is None:
-            return logits
-        mtp = self.mtp_loss(x, targets) if self.cfg.mtp_weight > 0 else logits.new_zeros(())
-        return logits, mtp
+            return out
+        mtp = self.mtp_loss(x, targets) if self.cfg.mtp_weight > 0 else x.new_zeros((), dtype=torch.float32)
+        return out, mtp
 
 
 def slowrun_config(ref: dict) -> GPTConfig:
@@ -969,13 +972,30 @@ def polar_express(G: torch.Tensor) -> torch.Tensor:
     return X
 
 
-def muon_direction(grad, momentum_buf, moment_buf, momentum: float, beta2: float, eq_r: bool, normuon: bool):
-    """The update direction of a stack of matrices (n, rows, cols); advances both buffers."""
+def sharded_polar_express(G: torch.Tensor, group=None) -> torch.Tensor:
+    """polar_express of a stack (n, rows, cols) with the work split over a process group: rank r
+    orthogonalises matrices r*k .. (r+1)*k - 1 (k = ceil(n / ranks), the stack zero-padded), then
+    an all-gather gives every rank the whole stack. Every matrix is orthogonalised on its own, so
+    the result is the unsharded one; only 1/ranks of the FLOPs run on each rank."""
+    if group is None:
+        return polar_express(G)
+    ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+    k = -(-G.size(0) // ranks)
+    padded = torch.cat([G, G.new_zeros(k * ranks - G.size(0), *G.shape[1:])]) if k * ranks > G.size(0) else G
+    mine = polar_express(padded[rank * k:(rank + 1) * k])
+    return torch.cat(all_gather(mine, group))[:G.size(0)]
+
+
+def muon_direction(grad, momentum_buf, moment_buf, momentum: float, beta2: float, eq_r: bool, normuon: bool,
+                   group=None):
+    """The update direction of a stack of matrices (n, rows, cols); advances both buffers. Every
+    rank of `group` holds the same gradients (DDP averaged them), so all but the orthogonalisation
+    runs everywhere and the state stays identical on every rank."""
     momentum_buf.lerp_(grad, 1 - momentum)
     g = grad.lerp(momentum_buf, momentum)                                   # Nesterov
     if eq_r:                                                                # MuonEq-R
         g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
-    u = polar_express(g)
+    u = sharded_polar_express(g, group)
     if not normuon:
         return u
     reduce = -1 if u.size(-2) >= u.size(-1) else -2       # a moment per row (tall) or per column (wide)
@@ -993,9 +1013,11 @@ class MuonAdamW(torch.optim.Optimizer):
     kind="adamw". Every group's "lr" and "weight_decay" are rewritten each step by the schedule
     from its "peak_lr" and "peak_wd"; the state is plain tensors and ints (weights_only)."""
 
-    def __init__(self, groups, momentum=0.95, beta2=0.95, eq_r=True, normuon=True, cautious=True, eps=1e-10):
+    def __init__(self, groups, momentum=0.95, beta2=0.95, eq_r=True, normuon=True, cautious=True, eps=1e-10,
+                 process_group=None):
         super().__init__(groups, dict(momentum=momentum, beta2=beta2, eq_r=eq_r, normuon=normuon,
                                       cautious=cautious, betas=(0.8, 0.95), eps=eps, weight_decay=0.0))
+        self.process_group = process_group  # Muon's orthogonalisation is sharded over it (None: not)
 
     @torch.no_grad()
     def step(self):
@@ -1019,7 +1041,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 if rows >= cols else torch.zeros(len(params), 1, cols, dtype=params[0].dtype, device=params[0].device)
         P = torch.stack(params)                                         # (n, rows, cols)
         u = muon_direction(torch.stack([p.grad for p in params]), state["momentum"], state["moment"],
-                           group["momentum"], group["beta2"], group["eq_r"], group["normuon"])
+                           group["momentum"], group["beta2"], group["eq_r"], group["normuon"], self.process_group)
         lr = torch.tensor(group["lr"] * max(1.0, rows / cols) ** 0.5, dtype=u.dtype)
         wd = torch.tensor(group["weight_decay"], dtype=u.dtype)
         decay = lr * wd * P
@@ -1043,7 +1065,7 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
 
 
-def build_optimizer(model: GPT, args) -> MuonAdamW:
+def build_optimizer(model: GPT, args, process_group=None) -> MuonAdamW:
     """The record's groups. Muon: every block matrix (attention, MLP, gates, value embeddings,
     MTP), stacked by shape. AdamW: head and embedding (decayed like the matrices), residual and
     skip scalars at 0.01x the scalar LR, x0 scalars with betas (0.96, 0.95), IHA mixing (no decay)."""
@@ -1066,7 +1088,7 @@ def build_optimizer(model: GPT, args) -> MuonAdamW:
     for g in groups:
         g["lr"], g["weight_decay"] = g["peak_lr"], g["peak_wd"]
     return MuonAdamW(groups, momentum=args.muon_momentum, eq_r=args.muon_eq_r, normuon=args.normuon,
-                     cautious=args.cautious_wd)
+                     cautious=args.cautious_wd, process_group=process_group)
 
 
 # =============================================================================================
@@ -1151,15 +1173,51 @@ def distillation_loss(logits, targets, teacher_logits=None, alpha=0.45, temperat
     return (1 - alpha) * ce + alpha * T * T * kl
 
 
+LOSS_CHUNK_TOKENS = 4096  # tokens whose fp32 logits (x vocabulary) exist at once in the loss: 0.8 GB at 50K
+
+
+def _chunk_terms(model: GPT, x, targets, teacher: GPT | None, teacher_x, temperature: float):
+    """Summed cross-entropy, and summed KL to the teacher (0 without one), of one chunk of tokens."""
+    logits = model.logits(x)
+    ce = F.cross_entropy(logits, targets, reduction="sum")
+    if teacher is None:
+        return ce, torch.zeros_like(ce)
+    with torch.no_grad():
+        target = F.log_softmax(teacher.logits(teacher_x) / temperature, dim=-1)
+    return ce, F.kl_div(F.log_softmax(logits / temperature, dim=-1), target, log_target=True, reduction="sum")
+
+
+def chunked_distillation_loss(model: GPT, x, targets, teacher: GPT | None = None, teacher_x=None, alpha=0.45,
+                              temperature=1.2, mtp=None, mtp_weight=0.0, chunk=LOSS_CHUNK_TOKENS):
+    """distillation_loss from hidden states (B, T, D): the head, soft-cap, cross-entropy and KL run a
+    chunk of tokens at a time, each chunk recomputed in the backward pass (checkpointed), so no
+    [tokens x vocab] fp32 tensor of student or teacher exists whole."""
+    x, targets = x.flatten(0, 1), targets.flatten()
+    teacher_x = teacher_x.flatten(0, 1) if teacher is not None else None
+    ce = kl = 0.0
+    for s in range(0, x.size(0), chunk):
+        c, k = torch.utils.checkpoint.checkpoint(
+            _chunk_terms, model, x[s:s + chunk], targets[s:s + chunk], teacher,
+            teacher_x[s:s + chunk] if teacher is not None else None, temperature, use_reentrant=False)
+        ce, kl = ce + c, kl + k
+    loss = ce / x.size(0)
+    if mtp is not None and mtp_weight > 0:
+        loss = loss + mtp_weight * mtp
+    if teacher is None:
+        return loss
+    return (1 - alpha) * loss + alpha * temperature ** 2 * kl / x.size(0)
+
+
 # =============================================================================================
 # Evaluation: every target token's probability, the same tokens whatever the hardware
 # =============================================================================================
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (--autocast auto), or wherever --autocast bf16 asks (the CPU tests)."""
+def autocast_for(device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA (--autocast auto), or wherever --autocast bf16 asks (the CPU tests).
+    cache=False: no bf16 copies of weights kept for a backward pass (the teacher has none)."""
     mode = _kernels["autocast"]
     if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return nullcontext()
 
 
@@ -1189,12 +1247,15 @@ def token_probs(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, d
             rows[r, :length + 1] = tokens[s:s + length + 1]
             src.append(np.arange(r * seq_len, r * seq_len + length))
             dst.append(np.arange(s, s + length))
-        w = torch.from_numpy(rows).to(device, non_blocking=True)
+        w = to_device(torch.from_numpy(rows), device)
+        targets = w[:, 1:].flatten()
+        logp = torch.empty(targets.numel(), dtype=torch.float32, device=device)
         with autocast_for(device):
-            logits = model(w[:, :-1])
-        logits = logits.float()  # log p(y) = z_y - logsumexp(z): no [B, T, V] log-softmax copy
-        logp = (logits.gather(-1, w[:, 1:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).flatten()
-        src, dst = (torch.from_numpy(np.concatenate(x)).to(device, non_blocking=True) for x in (src, dst))
+            x = model(w[:, :-1], hidden=True).flatten(0, 1)
+            for s in range(0, x.size(0), LOSS_CHUNK_TOKENS):  # logits a chunk at a time, as in training
+                z = model.logits(x[s:s + LOSS_CHUNK_TOKENS]).float()  # log p(y) = z_y - logsumexp(z)
+                logp[s:s + z.size(0)] = z.gather(-1, targets[s:s + z.size(0), None]).squeeze(-1) - z.logsumexp(-1)
+        src, dst = (to_device(torch.from_numpy(np.concatenate(x)), device) for x in (src, dst))
         out.index_copy_(0, dst, logp[src].exp())
     model.train(was_training)
     if world > 1:
@@ -1495,6 +1556,25 @@ def make_layout(args, world: int, rank: int, cycles: list[Cycle], create_groups:
 # Training one base
 # =============================================================================================
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto the device without stalling the host (pinned, asynchronous on CUDA)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def micro_batch_loss(forward, model: GPT, teacher_forward, teacher: GPT | None, rows: torch.Tensor, args,
+                     device) -> torch.Tensor:
+    """The loss of one micro-batch (B, T + 1) as training runs it (and the preflight traces it):
+    `forward` (DDP and compiled as configured) gives hidden states, the loss makes logits in chunks."""
+    with autocast_for(device):
+        x, mtp = forward(rows[:, :-1], rows[:, 1:], hidden=True)
+        teacher_x = None
+        if teacher is not None:
+            with torch.no_grad(), autocast_for(device, cache=False):
+                teacher_x = teacher_forward(rows[:, :-1], hidden=True)
+        return chunked_distillation_loss(model, x, rows[:, 1:], teacher, teacher_x, args.distill_alpha,
+                                         args.distill_temperature, mtp, args.mtp_weight)
+
+
 def micro_batches_of(group_rank: int, group_size: int, micro_batches: int) -> list[int]:
     """Which micro-batches of the global batch this process runs (one per accumulation step).
     Rank r takes r, r+W, r+2W, ...: together the ranks cover every micro-batch exactly once."""
@@ -1532,7 +1612,7 @@ class BaseTrainer:
         self.model = GPT(cfg).to(device)
         if args.checkpoint_activations:
             self.model.checkpoint_blocks = True
-        self.optimizer = build_optimizer(self.model, args)
+        self.optimizer = build_optimizer(self.model, args, layout.group)  # Muon sharded over the group
         self.ddp = None
         if layout.group is not None:
             from torch.nn.parallel import DistributedDataParallel
@@ -1595,18 +1675,12 @@ class BaseTrainer:
         accum = len(mine)
         loss_sum = torch.zeros((), device=self.device)
         for a, k in enumerate(mine):
-            rows = torch.from_numpy(batch[k * args.device_batch:(k + 1) * args.device_batch]).to(self.device)
+            rows = to_device(torch.from_numpy(batch[k * args.device_batch:(k + 1) * args.device_batch]), self.device)
             torch.manual_seed(_seed(args.seed, self.base, self.step, k))  # dropout masks follow the data
             sync = nullcontext() if (self.ddp is None or a == accum - 1) else self.ddp.no_sync()
             with sync:
-                with autocast_for(self.device):
-                    logits, mtp = self.forward(rows[:, :-1], rows[:, 1:])
-                    teacher_logits = None
-                    if distill:
-                        with torch.no_grad():
-                            teacher_logits = self.teacher_forward(rows[:, :-1])
-                loss = distillation_loss(logits, rows[:, 1:], teacher_logits, args.distill_alpha,
-                                         args.distill_temperature, mtp, args.mtp_weight)
+                loss = micro_batch_loss(self.forward, self.model, self.teacher_forward if distill else None,
+                                        self.teacher if distill else None, rows, args, self.device)
                 (loss / accum).backward()
             loss_sum += loss.detach()
         if args.grad_clip > 0:
@@ -1746,12 +1820,19 @@ def _flop_formulas() -> dict:
 def trace_step(cfg: GPTConfig, args, device_batch: int, checkpoint: bool, distill: bool, memory: bool = True) -> dict:
     """One micro-batch of training on fake tensors: FLOPs of each part and (`memory`: the slow
     part) the peak memory of weights, gradients, optimiser state, teacher and activations together."""
+    formulas, flops, cpu, kernels = _flop_formulas(), {}, torch.device("cpu"), dict(_kernels)
+    _kernels["autocast"] = "bf16"  # the training code's own autocast, on the CPU
+    try:
+        return _trace(cfg, args, device_batch, checkpoint, distill, memory, formulas, flops, cpu)
+    finally:
+        _kernels.update(kernels)
+
+
+def _trace(cfg, args, device_batch, checkpoint, distill, memory, formulas, flops, cpu) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from torch.utils.flop_counter import FlopCounterMode
-    formulas = _flop_formulas()
-    flops = {}
     with FakeTensorMode(shape_env=ShapeEnv(allow_scalar_outputs=True)):
         model = GPT(cfg)
         if checkpoint:
@@ -1766,26 +1847,21 @@ def trace_step(cfg: GPTConfig, args, device_batch: int, checkpoint: bool, distil
         flops["optimizer"] = fc.get_total_flops()
         optimizer.zero_grad(set_to_none=True)
         # The teacher keeps requires_grad here (MemTracker hooks every parameter); run under no_grad
-        # and without autocast's weight cache, it holds what the frozen teacher of a run holds.
+        # and without autocast's weight cache (micro_batch_loss), it holds what a run's frozen teacher holds.
         teacher = GPT(cfg).eval() if distill else None
         idx = torch.randint(0, cfg.vocab_size, (device_batch, cfg.seq_len + 1))
+        if teacher is not None:  # its forward alone, for its FLOPs (the step below runs it again)
+            with torch.no_grad(), autocast_for(cpu, cache=False), \
+                    FlopCounterMode(display=False, custom_mapping=formulas) as fc:
+                teacher(idx[:, :-1])
+            flops["teacher"] = fc.get_total_flops()
         tracker = MemTracker() if memory else nullcontext()
         if memory:
             tracker.track_external(model, optimizer, *([teacher] if teacher is not None else []))
-        with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), \
-                        FlopCounterMode(display=False, custom_mapping=formulas) as fc:
-                    teacher_logits = teacher(idx[:, :-1])
-                flops["teacher"] = fc.get_total_flops()
+        with tracker:
             with FlopCounterMode(display=False, custom_mapping=formulas) as fc:
-                logits, mtp = model(idx[:, :-1], idx[:, 1:])  # as BaseTrainer.train_step calls it
-                loss = distillation_loss(logits, idx[:, 1:], teacher_logits, args.distill_alpha,
-                                         args.distill_temperature, mtp, args.mtp_weight)
-                loss.backward()
-            flops["student"] = fc.get_total_flops()
-            del loss, logits, mtp, teacher_logits
+                micro_batch_loss(model, model, teacher, teacher, idx, args, cpu).backward()
+            flops["student"] = fc.get_total_flops() - flops.get("teacher", 0)
             optimizer.step()
         peak = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values()) if memory else None
         params = sum(p.numel() for p in model.parameters())

@@ -42,9 +42,25 @@ def _cuda_gloo_worker(rank: int, port: int, tokens: np.ndarray, out_dir: str):
         torch.manual_seed(0)
         model = q0.GPT(q0.GPTConfig(**TINY_CFG))
         result["probs"] = q0.token_probs(model, tokens, 16, 2, "cpu", sub)
+        result["muon"] = muon_steps(sub), muon_steps(None)  # sharded over the 2 ranks, and not
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def muon_steps(group, steps: int = 3) -> dict:
+    """Weights of the tiny preset's model after Muon steps on fixed gradients (identical on every
+    rank, as DDP leaves them), with the orthogonalisation sharded over `group` or not."""
+    args = q0.parse_args(["--preset", "tiny"])
+    torch.manual_seed(0)
+    model = q0.GPT(q0.model_config(args, 256))
+    opt = q0.build_optimizer(model, args, group)
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def test_collectives_and_token_probs_in_a_group_that_refuses_cpu_tensors(small_data, tmp_path):
@@ -58,6 +74,10 @@ def test_collectives_and_token_probs_in_a_group_that_refuses_cpu_tensors(small_d
         assert r["all_reduce"] == [3.0, 3.0, 3.0]
         assert r["all_gather"] == [[0.0, 0.0], [1.0, 1.0]]
         np.testing.assert_allclose(r["probs"], single, rtol=1e-6)  # each window scored once, summed
+        sharded, whole = r["muon"]
+        assert sharded.keys() == whole.keys()
+        for k in whole:  # each matrix is orthogonalised alone, on one rank or the other
+            torch.testing.assert_close(sharded[k], whole[k], rtol=0, atol=0, msg=k)
 
 
 # --- attention kernels ---------------------------------------------------------------------------
@@ -193,17 +213,19 @@ def test_world_of_eight_runs_main_through_the_default_layout(small_data, tmp_pat
 
 class CountingMode(torch.overrides.TorchFunctionMode):
     """FLOPs counted by hand at the Python level on real tensors, independently of the trace's
-    dispatch-level FlopCounterMode: 2 m k n for every F.linear and matmul, 4 B H T S D for every
-    attention call (the dense square)."""
+    dispatch-level FlopCounterMode: 2 m k n for every F.linear and matmul (those of `head` apart),
+    4 B H T S D for every attention call (the dense square)."""
 
-    def __init__(self):
+    def __init__(self, head: torch.Tensor):
         super().__init__()
-        self.matmul, self.attention = 0, 0
+        self.head_weight, self.matmul, self.head, self.attention = head, 0, 0, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func is torch.nn.functional.linear:
-            self.matmul += 2 * out.numel() * args[1].shape[1]
+            flops = 2 * out.numel() * args[1].shape[1]
+            self.matmul += flops
+            self.head += flops if args[1] is self.head_weight else 0  # GPT.logits: F.linear of head.weight
         elif func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__):
             self.matmul += 2 * out.numel() * args[0].shape[-1]
         elif func is torch.nn.functional.scaled_dot_product_attention:
@@ -213,25 +235,28 @@ class CountingMode(torch.overrides.TorchFunctionMode):
 
 
 def direct_counts(args, batch: int):
-    """Parameters, and FLOPs per token of a real forward of the model as train_step calls it; a
-    backward costs twice a matmul's forward and 2.5 times attention's (FlopCounterMode's convention:
-    the scores are recomputed). Muon: 5 Polar Express steps of X X^T, A A and (bA + cA A) X."""
+    """Parameters, and FLOPs per token of real forwards of the model: a teacher's (evaluation) and a
+    training one (with MTP). A backward costs twice a matmul's forward and 2.5 times attention's
+    (FlopCounterMode's convention: the scores are recomputed); the chunked loss recomputes the head
+    (student, MTP and teacher) in the backward pass. Muon: 5 Polar Express steps of X X^T, A A and
+    (bA + cA A) X per matrix."""
     cfg = q0.model_config(args, 256)
     torch.manual_seed(0)
     model = q0.GPT(cfg)
     idx = torch.randint(0, 256, (batch, cfg.seq_len + 1))
-    with CountingMode() as count:
+    tokens = idx[:, 1:].numel()
+    with CountingMode(model.head.weight) as teacher:
         model.eval()(idx[:, :-1])
-    forward = (count.matmul + count.attention) / idx[:, 1:].numel()
-    with CountingMode() as count:
+    with CountingMode(model.head.weight) as train:
         model.train()(idx[:, :-1], idx[:, 1:])
-    student = (3 * count.matmul + 3.5 * count.attention) / idx[:, 1:].numel()
+    student = 3 * train.matmul + 3.5 * train.attention + train.head + teacher.head
     muon = 0
     for group in q0.build_optimizer(model, args).param_groups:
         for p in group["params"] if group["kind"] == "muon" else []:
             m, n = sorted(p.shape)
             muon += len(q0.POLAR_EXPRESS) * (4 * m * m * n + 2 * m ** 3)
-    return sum(p.numel() for p in model.parameters()), forward, student, muon
+    params = sum(p.numel() for p in model.parameters())
+    return params, (teacher.matmul + teacher.attention) / tokens, student / tokens, muon
 
 
 def test_plan_counts_match_a_direct_count():
@@ -248,6 +273,29 @@ def test_plan_counts_match_a_direct_count():
     assert traced["peak_bytes"] > plain["peak_bytes"] >= 8 * params + plain["optimizer_state_bytes"]  # + activations
     assert checkpointed["peak_bytes"] < plain["peak_bytes"]  # --checkpoint-activations recomputes each block
     assert checkpointed["student_flops_per_token"] > plain["student_flops_per_token"]  # ... at a cost
+
+
+def test_chunked_loss_equals_the_whole_loss_and_its_gradients():
+    args = q0.parse_args(["--preset", "tiny"])
+    cfg = q0.model_config(args, 256)
+    torch.manual_seed(0)
+    model, teacher = q0.GPT(cfg), q0.GPT(cfg).eval().requires_grad_(False)
+    idx = torch.randint(0, 256, (4, cfg.seq_len + 1))
+    grads = []
+    for chunked in (True, False):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        x, mtp = model(idx[:, :-1], idx[:, 1:], hidden=True)
+        tx = teacher(idx[:, :-1], hidden=True)
+        if chunked:  # 128 tokens in chunks of 7: the last one short
+            loss = q0.chunked_distillation_loss(model, x, idx[:, 1:], teacher, tx, 0.45, 1.2, mtp, 0.3, chunk=7)
+        else:
+            loss = q0.distillation_loss(model.logits(x), idx[:, 1:], teacher.logits(tx), 0.45, 1.2, mtp, 0.3)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_dry_run_prints_the_plan_and_a_run_that_cannot_fit_is_refused(small_data, tmp_path):
