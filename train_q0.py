@@ -1883,27 +1883,32 @@ class PlanTarget:
     assumed_data: bool
 
 
-def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget) -> dict:
-    """The plan; memory is traced for CUDA targets and --dry-run (a CPU run's tests skip its cost)."""
+def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget, traces=None) -> dict:
+    """The plan; memory is traced for CUDA targets and --dry-run (a CPU run's tests skip its cost).
+    `traces`: (distilling step, plain step) from trace_step, to reuse them for several layouts."""
     distills = 0 < args.distill_from_cycle <= args.cycles and args.cycles > 1
     memory = target.device == "cuda" or args.dry_run
-    step = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, distills, memory)
-    plain = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, False) \
-        if distills and memory else step
+    if traces is not None:
+        step, plain = traces if distills else (traces[1], traces[1])
+    else:
+        step = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, distills, memory)
+        plain = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, False) \
+            if distills and memory else step
     groups = args.groups or math.gcd(args.bases, target.processes)
     group_size = target.processes // groups
     rate = args.peak_tflops * 1e12 * args.mfu  # FLOP/s per process
+    muon = plain["optimizer_flops"] / group_size  # orthogonalisation sharded over the group
     fwd = step["teacher_flops_per_token"] or plain["student_flops_per_token"] / 3  # a forward is ~1/3 of fwd+bwd
 
     def step_seconds(c: Cycle, distill: bool) -> float:
         per_token = plain["student_flops_per_token"] + (step["teacher_flops_per_token"] if distill else 0.0)
-        return (c.batch_seqs * cfg.seq_len * per_token / group_size + plain["optimizer_flops"]) / rate
+        return (c.batch_seqs * cfg.seq_len * per_token / group_size + muon) / rate
 
     eval_seconds = (target.fitness_tokens + target.val_tokens) * fwd / group_size / rate
     base_seconds = sum(c.steps * step_seconds(c, 0 < args.distill_from_cycle <= c.index and c.index > 1)
                        + eval_seconds for c in cycles)
     epoch_seconds = (target.train_tokens * plain["student_flops_per_token"] / group_size
-                     + target.train_tokens / (args.batch_seqs * cfg.seq_len) * plain["optimizer_flops"]) / rate
+                     + target.train_tokens / (args.batch_seqs * cfg.seq_len) * muon) / rate
     weight_bytes = step["params"] * (2 if target.device == "cuda" else 4)
     cache_bytes = 2 * (target.fitness_tokens + (target.val_tokens if args.val_probs else 0))
     checkpoint_bytes = 4 * step["params"] + step["optimizer_state_bytes"]
@@ -1944,7 +1949,8 @@ def plan_lines(plan: dict, args) -> list[str]:
         f"{plan['teacher_flops_per_token']:.3e} (forward) | per step of {plan['step_tokens']:,} tokens: student "
         f"{plan['step_tokens'] * plan['student_flops_per_token']:.3e}, teacher "
         f"{plan['step_tokens'] * plan['teacher_flops_per_token']:.3e} (distilling), Muon "
-        f"{plan['optimizer_flops_per_step']:.3e} on each process",
+        f"{plan['optimizer_flops_per_step']:.3e} ({plan['optimizer_flops_per_step'] / plan['group_size']:.3e} on "
+        f"each of {plan['group_size']} process(es): sharded)",
         f"plan: peak memory per process at --device-batch {args.device_batch}"
         f"{' with' if args.checkpoint_activations else ' without'} activation checkpointing: {peak}",
         f"plan: disk: {plan['snapshots']} snapshots x {_gib(plan['snapshot_gib'])} (weights and caches) + "
