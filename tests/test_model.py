@@ -204,3 +204,14 @@ def test_fit_prior_adamw_is_the_public_solver(fx):
     P, alpha = fx["prior"]["P"], fx["prior"]["alpha"]
     fit = fit_prior.fit_adamw(P)
     np.testing.assert_allclose(fit.w, torch.softmax(alpha.double(), 0).numpy(), atol=1e-6)
+
+
+def test_zero_out_init_is_one_flag():
+    args = q0.parse_args(["--preset", "tiny", "--zero-out-init"])
+    model = q0.GPT(q0.model_config(args, 256))
+    for block in model.blocks:
+        assert not block.attn.proj.weight.any() and not block.mlp.down.weight.any()
+        assert block.attn.q.weight.any()
+    assert not model.head.weight.any() and not model.x0_scale.any()
+    record = q0.GPT(q0.model_config(q0.parse_args(["--preset", "tiny"]), 256))
+    assert record.blocks[0].attn.proj.weight.std().item() == pytest.approx(32 ** -0.5, rel=0.2)
