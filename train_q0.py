@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the head start at zero, the x0 scalars at 0 (every residual branch starts closed)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-seqs", type=int, default=256, help="global batch in sequences (256 x 2048 = 524,288 tokens)")
-    g.add_argument("--device-batch", type=int, default=8, help="sequences per forward pass per process")
+    g.add_argument("--device-batch", type=int, default=2,
+                   help="sequences per forward pass per process (2: the reference's micro-batch; 8 runs out of 80 GB)")
     g.add_argument("--lr-matrix", type=float, default=0.01, help="Muon peak LR (hidden matrices)")
     g.add_argument("--lr-embed", type=float, default=0.0375, help="AdamW peak LR (token embedding)")
     g.add_argument("--lr-head", type=float, default=0.0005, help="AdamW peak LR (output head)")
