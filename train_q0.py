@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("snapshots, logs and runs")
     g.add_argument("--runs-dir", default="runs")
     g.add_argument("--run-name", default="", help="default: <preset>-<bases>x<cycles>-seed<seed>")
+    g.add_argument("--import-slowrun", default="", metavar="DIR",
+                   help="instead of training, score the reference's snapshots DIR/model_{i}.pt into a run directory "
+                        "(model i: base i // --cycles, cycle i %% --cycles + 1); the model flags must be the ones it "
+                        "was trained with (the slowrun preset's defaults are the record's)")
     g.add_argument("--val-probs", type=int, choices=[0, 1], default=1,
                    help="cache every snapshot's validation probabilities (what eval.py's fast path reads)")
     g.add_argument("--eval-batch", type=int, default=8, help="sequences per forward pass in evaluation")
@@ -918,6 +922,14 @@ def from_slowrun(state_dict: dict, config: dict) -> GPT:
     cfg = slowrun_config(config)
     cfg.check()
     model = GPT(cfg)
+    model.load_state_dict(slowrun_state_dict(state_dict, cfg, iha_mix_v=config.get("iha_mix_v", True)))
+    return model
+
+
+def slowrun_state_dict(state_dict: dict, cfg: GPTConfig, iha_mix_v: bool = True) -> dict:
+    """The reference's parameter names and layouts renamed to ours (fp32), checked both ways."""
+    with torch.device("meta"):
+        names = {n: p.shape for n, p in GPT(cfg).named_parameters()}
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state_dict.items()}
     ours = {"embed.weight": sd.pop("transformer.wte.weight"), "head.weight": sd.pop("lm_head.weight"),
             "resid_scale": sd.pop("resid_lambdas"), "x0_scale": sd.pop("x0_lambdas"),
@@ -935,18 +947,17 @@ def from_slowrun(state_dict: dict, config: dict) -> GPT:
             ours[f"blocks.{i}.attn.value_embed.weight"] = sd.pop(f"ve_projs.{i}.weight")
     if "mtp_proj.weight" in sd:
         ours["mtp_proj.weight"] = sd.pop("mtp_proj.weight")
-    if cfg.iha and config.get("iha_mix_v", True) is False:  # v unmixed: the identity mixes exactly that
-        for name, p in model.named_parameters():
+    if cfg.iha and not iha_mix_v:  # v unmixed: the identity mixes exactly that
+        for name, shape in names.items():
             if name.endswith("attn.v_mix"):
-                ours[name] = torch.eye(p.size(0))
+                ours[name] = torch.eye(shape[0])
     if sd:
         raise UsageError(f"reference state dict has entries q0's model does not know: {sorted(sd)[:4]}; "
                          f"check the configuration given with it")
-    missing = set(model.state_dict()) - set(ours)
+    missing = set(names) - set(ours)
     if missing:
         raise UsageError(f"reference state dict lacks {sorted(missing)[:4]}; check the configuration given with it")
-    model.load_state_dict({k: v.float() for k, v in ours.items()})
-    return model
+    return {k: v.float() for k, v in ours.items()}
 
 
 # =============================================================================================
@@ -1495,6 +1506,26 @@ def log_header(log: RunLog, args, world: int):
     log.line("versions: " + json.dumps(versions()))
 
 
+def save_snapshot(run_dir: Path, record: dict, state: dict, fitness: np.ndarray, val: np.ndarray | None):
+    """Write a snapshot's weights and caches, then its record (last: the record marks it complete)."""
+    snap_dir, sid = run_dir / "snapshots", record["id"]
+    atomic_torch_save(state, snap_dir / f"{sid}.pt")
+    atomic_save_npy(snap_dir / f"{sid}.fitness.npy", probs_to_cache(fitness))
+    if val is not None:
+        atomic_save_npy(snap_dir / f"{sid}.val.npy", probs_to_cache(val))
+    for key in ("weights", "fitness_probs", "val_probs"):
+        record[key + "_sha256"] = sha256_file(run_dir / record[key]) if record[key] else None
+    atomic_write_text(snap_dir / f"{sid}.json", json.dumps(record, indent=1))
+
+
+def snapshot_record(sid: str, base: int, cycle: int, step: int, base_epochs: float, fitness: np.ndarray,
+                    val: np.ndarray, data: "RunData", val_probs: bool) -> dict:
+    return {"id": sid, "base": base, "cycle": cycle, "step": step, "base_epochs": round(base_epochs, 6),
+            "val_loss": mean_nll(val), "val_bpb": bits_per_byte(val, data.val[1:], data.bos_id, data.val_bytes),
+            "fitness_loss": mean_nll(fitness), "weights": f"snapshots/{sid}.pt",
+            "fitness_probs": f"snapshots/{sid}.fitness.npy", "val_probs": f"snapshots/{sid}.val.npy" if val_probs else None}
+
+
 class PopulationTracker:
     """The uniform ensemble of every snapshot on disk so far, from the cached validation
     probabilities; each file is read once (a running sum), so cost stays linear in snapshots."""
@@ -1704,7 +1735,6 @@ class BaseTrainer:
     # --- snapshot ----------------------------------------------------------------------------
     def snapshot(self, cycle: Cycle):
         args, sid = self.args, snapshot_id(self.base, cycle.index)
-        snap_dir = self.run_dir / "snapshots"
         state = snapshot_state(self.model, self.device)
         snap = model_from_state(self.cfg, state, self.device)  # evaluate, and later teach, what was saved
         self.set_teacher(snap)
@@ -1713,21 +1743,11 @@ class BaseTrainer:
         val = token_probs(self.teacher_forward, self.data.val, args.seq_len, args.eval_batch, self.device,
                           self.layout.group)
         base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / len(self.stream)
-        val_loss = mean_nll(val)
-        bpb = bits_per_byte(val, self.data.val[1:], self.data.bos_id, self.data.val_bytes)
-        record = {"id": sid, "base": self.base, "cycle": cycle.index, "step": self.step,
-                  "base_epochs": round(base_epochs, 6), "val_loss": val_loss, "val_bpb": bpb,
-                  "fitness_loss": mean_nll(fitness), "weights": f"snapshots/{sid}.pt",
-                  "fitness_probs": f"snapshots/{sid}.fitness.npy",
-                  "val_probs": f"snapshots/{sid}.val.npy" if args.val_probs else None}
+        record = snapshot_record(sid, self.base, cycle.index, self.step, base_epochs, fitness, val, self.data,
+                                 bool(args.val_probs))
+        val_loss, bpb = record["val_loss"], record["val_bpb"]
         if self.leader:
-            atomic_torch_save(state, snap_dir / f"{sid}.pt")
-            atomic_save_npy(snap_dir / f"{sid}.fitness.npy", probs_to_cache(fitness))
-            if args.val_probs:
-                atomic_save_npy(snap_dir / f"{sid}.val.npy", probs_to_cache(val))
-            for key in ("weights", "fitness_probs", "val_probs"):
-                record[key + "_sha256"] = sha256_file(self.run_dir / record[key]) if record[key] else None
-            atomic_write_text(snap_dir / f"{sid}.json", json.dumps(record, indent=1))  # last: marks it complete
+            save_snapshot(self.run_dir, record, state, fitness, val if args.val_probs else None)
             pop = self.tracker.update()
             self.log.line(f"[b{self.base}] snapshot {sid} | step {self.step} | base epochs {base_epochs:.2f} | "
                           f"val {val_loss:.4f} nats" + (f" {bpb:.4f} bpb" if bpb else "")
@@ -1987,6 +2007,40 @@ def check_disk(plan: dict, run_dir: Path):
 
 
 # =============================================================================================
+# Importing the reference's snapshots: score them into an ordinary run directory
+# =============================================================================================
+
+def import_slowrun(args, data: RunData, cfg: GPTConfig, cycles: list[Cycle], run_dir: Path, log: RunLog, device):
+    """The reference saves model_{i}.pt, numbering node n's cycles n*C .. n*C + C-1: each becomes
+    snapshot b{n}c{cycle} with its fitness and validation probabilities, so fit_prior.py and
+    eval.py read it like a trained run. Snapshots already imported are kept (a rerun resumes)."""
+    files = sorted(Path(args.import_slowrun).glob("model_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    if not files:
+        raise UsageError(f"{args.import_slowrun} holds no model_{{i}}.pt; give the reference's checkpoint folder")
+    for path in files:
+        base, c = divmod(int(path.stem.split("_")[1]), args.cycles)
+        if base >= args.bases:
+            raise UsageError(f"{path}: beyond --bases {args.bases} x --cycles {args.cycles}; give the layout it was "
+                             f"trained with")
+        cycle, sid = cycles[c], snapshot_id(base, c + 1)
+        if (run_dir / "snapshots" / f"{sid}.json").exists():
+            continue
+        model = GPT(cfg)
+        model.load_state_dict(slowrun_state_dict(torch.load(path, map_location="cpu", weights_only=True), cfg))
+        state = snapshot_state(model, device)
+        model = model_from_state(cfg, state, device)  # score what is saved, as training does
+        fitness = token_probs(model, data.fitness, args.seq_len, args.eval_batch, device)
+        val = token_probs(model, data.val, args.seq_len, args.eval_batch, device)
+        base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / data.train.size
+        record = snapshot_record(sid, base, c + 1, cycle.first_step + cycle.steps, base_epochs, fitness, val, data,
+                                 bool(args.val_probs)) | {"imported_from": str(path)}
+        save_snapshot(run_dir, record, state, fitness, val if args.val_probs else None)
+        log.line(f"[b{base}] imported {path} as {sid} | val {record['val_loss']:.4f} nats | "
+                 f"fitness {record['fitness_loss']:.4f}")
+        log.event("snapshot", **record)
+
+
+# =============================================================================================
 # Main
 # =============================================================================================
 
@@ -2056,6 +2110,8 @@ def main(argv=None) -> int:
         cfg = model_config(args, data.vocab_size)
         cycles = plan_cycles(args, data.train.size)
         layout = make_layout(args, world, rank, cycles)
+        if args.import_slowrun and world > 1:
+            raise UsageError("--import-slowrun runs in one process; drop torchrun")
         run_dir = Path(args.runs_dir) / args.run_name
         resumed, plan = False, None
         if rank == 0:
@@ -2098,7 +2154,9 @@ def main(argv=None) -> int:
                  f"{layout.group_size} process(es) on {device.type}")
     if world > 1:
         barrier()
-    for base in layout.bases:
+    if args.import_slowrun:
+        import_slowrun(args, data, cfg, cycles, run_dir, log, device)
+    for base in [] if args.import_slowrun else layout.bases:
         BaseTrainer(args, base, layout, data, cfg, cycles, run_dir, log, device).run()
     if world > 1:
         barrier()

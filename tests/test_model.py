@@ -215,3 +215,31 @@ def test_zero_out_init_is_one_flag():
     assert not model.head.weight.any() and not model.x0_scale.any()
     record = q0.GPT(q0.model_config(q0.parse_args(["--preset", "tiny"]), 256))
     assert record.blocks[0].attn.proj.weight.std().item() == pytest.approx(32 ** -0.5, rel=0.2)
+
+
+def test_import_slowrun_scores_reference_snapshots_into_a_run(fx, small_data, tmp_path):
+    """The reference's model_{i}.pt files become an ordinary run that fit_prior.py and eval.py read."""
+    from conftest import run_train
+    from test_prior import cli
+    ckpt = tmp_path / "reference"
+    ckpt.mkdir()
+    for i in range(3):  # three snapshots of one node, saved as the reference saves them (bf16)
+        torch.manual_seed(i)
+        torch.save({k: (v.float() + 0.01 * i * torch.randn_like(v.float())).bfloat16()
+                    for k, v in fx["state_dict"].items()}, ckpt / f"model_{i}.pt")
+    shape = ["--n-layer", "6", "--d-model", "32", "--n-head", "2", "--mlp-hidden", "256", "--seq-len", "64",
+             "--short-window", "32", "--loop-layers", "3", "5", "--loop-repeats", "4", "--mtp-weight", "0.3"]
+    flags = [*shape, "--bases", "1", "--cycles", "3", "--import-slowrun", str(ckpt), "--run-name", "imported"]
+    result = run_train(small_data, tmp_path / "runs", *flags)
+    assert result.stdout.count("] imported ") == 3
+    run = tmp_path / "runs" / "imported"
+    records = q0.list_snapshots(run)
+    assert [r["id"] for r in records] == ["b0c1", "b0c2", "b0c3"]
+    # the snapshot's numbers are those of from_slowrun's model on the run's validation tokens
+    state = torch.load(ckpt / "model_2.pt", weights_only=True)
+    model = q0.from_slowrun(state, {**fx["config"], "vocab_size": 256}).eval()
+    val = q0.load_val_tokens(q0.load_run(run))
+    assert records[2]["val_loss"] == pytest.approx(q0.mean_nll(q0.token_probs(model, val, 64, 16, "cpu")), abs=1e-6)
+    assert cli("fit_prior.py", run).returncode == 0
+    assert cli("eval.py", run, "--prior", run / "prior.json").returncode == 0
+    assert "] imported " not in run_train(small_data, tmp_path / "runs", *flags).stdout  # a rerun keeps them
