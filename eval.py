@@ -182,51 +182,100 @@ def nll_sums(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.stack([nll.sum(-1), (nll * keep).sum(-1)], dim=-1)
 
 
-def score_cached(members, W: torch.Tensor, keep: torch.Tensor):
-    """Chunks of validation tokens x all members (bounded memory), all weightings per chunk."""
-    T = members[0].run["val"]["targets"]
-    files = [CacheFile(m) for m in members]
-    chunk = max(1024, CHUNK_ELEMS // len(members))
-    sums, member_sums = torch.zeros(len(W), 2, dtype=torch.float64), torch.zeros(len(members), 2, dtype=torch.float64)
+def score_chunks(read, n_members: int, T: int, W: torch.Tensor, keep: torch.Tensor, need: np.ndarray):
+    """nll_sums of every weighting's mixture W @ p and of every needed member, from member
+    probabilities read in token chunks (`read(s, e)` -> float32 [members, e - s]): memory is one
+    chunk of every member, whatever the number of weightings or targets."""
+    chunk = max(1024, CHUNK_ELEMS // n_members)
+    sums, member_sums = torch.zeros(len(W), 2, dtype=torch.float64), torch.zeros(n_members, 2, dtype=torch.float64)
+    rows = torch.from_numpy(np.flatnonzero(need))
     for s in range(0, T, chunk):
         e = min(T, s + chunk)
-        Pc = torch.empty((len(members), e - s), dtype=torch.float32)
-        for i, f in enumerate(files):
-            Pc[i] = torch.from_numpy(f.read(s, e).astype(np.float32))
-        Pc = Pc.double()
-        member_sums += nll_sums(Pc, keep[s:e])
+        Pc = torch.from_numpy(read(s, e)).double()
+        member_sums[rows] += nll_sums(Pc[rows], keep[s:e])
         sums += nll_sums(W @ Pc, keep[s:e])
-    for f in files:
-        f.check()
     return sums.numpy(), member_sums.numpy()
 
 
-def score_forward(members, W: torch.Tensor, keep: torch.Tensor, need: np.ndarray, device, batch_size: int, rank: int,
-                  world: int):
-    """Members stream from disk one at a time, spread over processes; per weighting only a
-    running sum of w_i p_i over validation targets is kept, then reduced over processes."""
+def score_cached(members, W: torch.Tensor, keep: torch.Tensor):
+    """Chunks of validation tokens x all members (bounded memory), all weightings per chunk."""
+    files = [CacheFile(m) for m in members]
+
+    def read(s, e):
+        return np.stack([f.read(s, e).astype(np.float32) for f in files])
+    out = score_chunks(read, len(members), members[0].run["val"]["targets"], W, keep, np.ones(len(members), bool))
+    for f in files:
+        f.check()
+    return out
+
+
+class SpillFile:
+    """Member probabilities, float32, one row per member, in a plain file read back in chunks with
+    ordinary reads (a memory map would count every page it touched as resident memory)."""
+
+    def __init__(self, path: Path, rows: int, T: int):
+        import shutil
+        path.parent.mkdir(parents=True, exist_ok=True)
+        need = rows * T * 4
+        free = shutil.disk_usage(path.parent).free
+        if need > free:
+            die(f"--forward needs {need / 2 ** 30:.1f} GiB beside {path.parent} for the members' probabilities "
+                f"and {free / 2 ** 30:.1f} GiB is free; free space or choose another --out")
+        self.path, self.T, self.rows = path, T, rows
+        self.file = open(path, "w+b")
+
+    def write(self, row: int, p: np.ndarray):
+        self.file.seek(row * self.T * 4)
+        self.file.write(np.ascontiguousarray(p, dtype=np.float32).tobytes())
+
+    def read(self, s: int, e: int) -> np.ndarray:
+        out = np.zeros((self.rows, e - s), dtype=np.float32)  # rows never written: members no weighting uses
+        size = os.fstat(self.file.fileno()).st_size
+        for i in range(self.rows):
+            if (i * self.T + e) * 4 <= size:
+                self.file.seek((i * self.T + s) * 4)
+                out[i] = np.frombuffer(self.file.read((e - s) * 4), dtype=np.float32)
+        return out
+
+    def close(self):
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def score_forward(members, W: torch.Tensor, keep: torch.Tensor, need: np.ndarray, device, batch_size: int,
+                  rank: int, world: int, spill: Path):
+    """Members stream from disk one at a time, spread over processes; each one's probabilities
+    (float32, floored like the caches) are handed to the reporting rank, which writes them to one
+    file (`spill`, removed after) and then scores every weighting in token chunks: host memory is
+    one member's probabilities and one chunk, not a running sum per weighting per token."""
     run = members[0].run
-    tokens = train_q0.load_val_tokens(run)
-    acc = torch.zeros((len(W), run["val"]["targets"]), dtype=torch.float64)
-    member_sums = torch.zeros(len(members), 2, dtype=torch.float64)
-    mine, started = np.flatnonzero(need)[rank::world], time.time()
-    for done, i in enumerate(mine, 1):
-        m = members[i]
-        model = train_q0.load_snapshot_model(m.run_dir, m.record, device)
-        p = train_q0.token_probs(model, tokens, run["seq_len"], batch_size, device)
-        del model
-        if rank == 0:  # progress on stderr: stdout is the result
-            spent = time.time() - started
-            print(f"scored {m.name} ({done}/{len(mine)} on this process) | {train_q0.clock(spent)} elapsed, "
-                  f"ETA {train_q0.clock(spent / done * (len(mine) - done))}", file=sys.stderr, flush=True)
-        p = torch.from_numpy(np.maximum(p, PROB_FLOOR)).double()
-        member_sums[i] = nll_sums(p, keep)
-        for j in torch.nonzero(W[:, i]).flatten().tolist():
-            acc[j] += W[j, i] * p
-    if world > 1:
-        dist.all_reduce(acc)
-        dist.all_reduce(member_sums)
-    return nll_sums(acc, keep).numpy(), member_sums.numpy()
+    tokens, T = train_q0.load_val_tokens(run), run["val"]["targets"]
+    todo, started = np.flatnonzero(need), time.time()
+    store = SpillFile(spill, len(members), T) if rank == 0 else None
+    try:
+        for start in range(0, todo.size, world):  # a round: rank k runs member todo[start + k]
+            p = None
+            if start + rank < todo.size:
+                m = members[todo[start + rank]]
+                model = train_q0.load_snapshot_model(m.run_dir, m.record, device)
+                p = np.maximum(train_q0.token_probs(model, tokens, run["seq_len"], batch_size, device), PROB_FLOOR)
+                del model
+            if rank == 0:  # progress on stderr: stdout is the result
+                done, spent = min(todo.size, start + world), time.time() - started
+                print(f"scored {done}/{todo.size} members | {train_q0.clock(spent)} elapsed, "
+                      f"ETA {train_q0.clock(spent / done * (todo.size - done))}", file=sys.stderr, flush=True)
+            for k in range(min(world, todo.size - start)):  # each owner hands its row to rank 0
+                row = torch.from_numpy(p) if (rank == k and p is not None) else torch.zeros(T)
+                if world > 1:
+                    train_q0.all_reduce_(row)
+                if rank == 0:
+                    store.write(todo[start + k], row.numpy())
+        if rank != 0:
+            return None, None
+        return score_chunks(store.read, len(members), T, W, keep, need)
+    finally:
+        if store is not None:
+            store.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +448,8 @@ def main(argv=None):
         if args.forward:
             need = (W != 0).any(0).numpy() | ("members" in parts)
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" and world > 1 else args.device
-            sums, member_sums = score_forward(members, W, keep, need, device, args.batch_size, rank, world)
+            spill = out.with_name(f".{out.name}.members.tmp")  # fixed: a rerun reuses it
+            sums, member_sums = score_forward(members, W, keep, need, device, args.batch_size, rank, world, spill)
         else:
             sums, member_sums = score_cached(members, W, keep)
     except train_q0.UsageError as e:

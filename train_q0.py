@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -49,7 +50,9 @@ REPO_ROOT = Path(__file__).resolve().parent
 # 480 snapshots). A preset replaces the size-related defaults; explicit flags override both.
 
 PRESETS = {
-    "slowrun": {},  # the defaults below
+    # The defaults below; a device batch of at most 2 (the reference's micro-batch): the --dry-run
+    # memory plan puts 8 sequences of 2048 over an H100's 80 GB.
+    "slowrun": dict(device_batch=2),
     # README's main job: bytes-level Shakespeare, 32K training tokens (the first play is the
     # fitness set), so a 1.2M-parameter model overfits within the 16-epoch budget: the data-limited
     # regime q0 is for. One base: 6 epochs, then five 2-epoch cycles distilling. The record's
@@ -87,7 +90,8 @@ DEVICE_BATCH_CAP = 8
 # whatever micro-batch or process it lands on (tests/test_train.py measures both).
 NON_POPULATION_FLAGS = {
     "preset", "run_name", "runs_dir", "device_batch", "groups", "eval_batch", "compile", "log_every",
-    "checkpoint_minutes", "collective_timeout_minutes", "wandb_project",
+    "checkpoint_minutes", "collective_timeout_minutes", "wandb_project", "attention", "autocast",
+    "checkpoint_activations", "dry_run", "plan_gpus", "mfu", "peak_tflops",
 }
 
 
@@ -136,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-seqs", type=int, default=256, help="global batch in sequences (256 x 2048 = 524,288 tokens)")
     g.add_argument("--device-batch", type=int, default=None,
                    help="sequences per forward pass per process (default: the largest, at most the preset's "
-                        f"{DEVICE_BATCH_CAP} (cpu, tiny: 8), that splits every cycle's batch over the processes)")
+                        "cap (slowrun: 2, the reference's micro-batch, as 8 runs out of 80 GB; cpu, tiny: 8), "
+                        "that splits every cycle's batch over the processes)")
     g.add_argument("--lr-matrix", type=float, default=0.01, help="Muon peak LR (hidden matrices)")
     g.add_argument("--lr-embed", type=float, default=0.0375, help="AdamW peak LR (token embedding)")
     g.add_argument("--lr-head", type=float, default=0.0005, help="AdamW peak LR (output head)")
@@ -199,7 +204,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "for this long fails the run with an error naming its rank")
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the model (auto: on CUDA only)")
+    g.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
+                   help="attention kernel: flex (FlexAttention, block-sparse windows) or sdpa (auto: flex on CUDA)")
+    g.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
+                   help="bf16 autocast of the forward passes (auto: on CUDA only)")
     g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs wandb installed)")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each block's activations in the backward pass: far less memory, ~1/3 more compute")
+    g = p.add_argument_group("preflight plan (printed at the top of every run)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan (parameters, FLOPs, memory, disk, hours) and exit; no data needed")
+    g.add_argument("--plan-gpus", type=int, default=0,
+                   help="plan for this many CUDA processes (default: this launch's processes and device)")
+    g.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the hours assume")
+    g.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS,
+                   help="peak bf16 TFLOP/s of one process's device (default: H100 SXM, dense)")
     return p
 
 
@@ -331,7 +350,9 @@ RANGES = {
     "distill_from_cycle": at_least(0), "distill_alpha": UNIT, "distill_temperature": at_least(0, lo_open=True),
     "runs_dir": PATH, "run_name": TEXT, "val_probs": CHOICE, "eval_batch": at_least(1), "log_every": at_least(1),
     "checkpoint_minutes": at_least(0), "compile": CHOICE, "wandb_project": TEXT,
-    "collective_timeout_minutes": at_least(0, lo_open=True),
+    "collective_timeout_minutes": at_least(0, lo_open=True), "attention": CHOICE, "autocast": CHOICE,
+    "checkpoint_activations": SWITCH, "dry_run": SWITCH, "plan_gpus": at_least(0),
+    "mfu": Range(lo=0, hi=1, lo_open=True), "peak_tflops": at_least(0, lo_open=True),
 }
 
 
@@ -552,6 +573,52 @@ def claim_output(path) -> int:
         os.close(fd)
         raise UsageError(f"{path} is being written by another process; wait for it to finish") from None
     return fd
+
+
+# =============================================================================================
+# Collectives: every one goes through these, on the device its group's backend takes
+# =============================================================================================
+# NCCL takes CUDA tensors only, gloo takes CPU tensors. Each helper looks the group's backend up
+# by the device type the group serves and hands it the tensor on the device that backend takes,
+# so no caller can give NCCL a host tensor (the crash this prevents: an all_reduce of a CPU tensor
+# under NCCL raises "No backend type associated with device type cpu"). The tests run them in a
+# "cuda:gloo" group, which refuses CPU tensors through torch.distributed's own calls as NCCL does,
+# so a collective that bypasses these fails there.
+# Pinned torch internals (torch 2.5 to 2.13): ProcessGroup._device_types, ProcessGroup._get_backend
+# and the backend objects' allreduce / allgather / broadcast returning a Work.
+
+def group_backend(group=None):
+    """(backend, device it takes) of a process group (None: the world)."""
+    group = group if group is not None else dist.group.WORLD
+    types = [d.type for d in group._device_types]
+    backend = group._get_backend(torch.device("cuda" if "cuda" in types else types[0]))
+    if "NCCL" in type(backend).__name__:
+        return backend, torch.device("cuda", torch.cuda.current_device())
+    return backend, torch.device("cpu")
+
+
+def all_reduce_(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `t` over the group, in place; `t` may live anywhere."""
+    backend, device = group_backend(group)
+    x = t if t.device == device else t.to(device)
+    backend.allreduce([x]).wait()
+    if x is not t:
+        t.copy_(x)
+    return t
+
+
+def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+    """Every rank's `t` (same shape everywhere), in rank order, on `t`'s device."""
+    backend, device = group_backend(group)
+    x = t.contiguous() if t.device == device else t.to(device).contiguous()
+    out = [torch.empty_like(x) for _ in range(backend.size())]
+    backend.allgather([out], [x]).wait()
+    return out if t.device == device else [o.to(t.device) for o in out]
+
+
+def barrier(group=None):
+    """A barrier that is an all_reduce of one number, so it runs wherever all_reduce_ does."""
+    all_reduce_(torch.zeros(1), group)
 
 
 # =============================================================================================
@@ -778,6 +845,69 @@ class TrainStream:
 
 
 # =============================================================================================
+# Attention: causal, optionally in a sliding window
+# =============================================================================================
+# Query i sees key j iff 0 <= i - j <= window (the reference's convention; window >= T - 1 is
+# plain causal). On CUDA, FlexAttention with a block mask: a window skips the blocks it masks
+# out and runs a fused kernel, where a boolean SDPA mask rules out the flash kernels and does the
+# whole square. SDPA is the CPU path and the fallback (--attention sdpa); torch has no CPU
+# backward for FlexAttention, so the CPU tests compare its forward only.
+
+ATTENTION_KERNELS = ("auto", "flex", "sdpa")
+_kernels = {"attention": "auto", "autocast": "auto"}  # set once by main() from --attention, --autocast
+
+
+def set_kernels(attention: str = "auto", autocast: str = "auto"):
+    _kernels.update(attention=attention, autocast=autocast)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal attention of (B, H, T, D) tensors; query i sees keys i - window .. i."""
+    kernel = _kernels["attention"]
+    if kernel == "flex" or (kernel == "auto" and q.is_cuda):
+        return flex_attend(q, k, v, window)
+    return sdpa_attend(q, k, v, window)
+
+
+def sdpa_attend(q, k, v, window: int) -> torch.Tensor:
+    T = q.size(-2)
+    if window >= T - 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    i = torch.arange(T, device=q.device)
+    distance = i[:, None] - i[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(distance >= 0) & (distance <= window))
+
+
+def _window_block_mask(T: int, window: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return create_block_mask(visible, None, None, T, T, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_block_mask(T: int, window: int, device: str):
+    return _window_block_mask(T, window, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attend(q, k, v, window: int) -> torch.Tensor:
+    """FlexAttention; inside a compiled model it is traced (mask build included) into the graph,
+    called eagerly it runs the compiled kernel with a block mask built once per shape."""
+    T = q.size(-2)
+    if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention(q, k, v, block_mask=_window_block_mask(T, window, q.device))
+    return _compiled_flex_attention()(q, k, v, block_mask=_cached_block_mask(T, window, str(q.device)))
+
+
+# =============================================================================================
 # Model: the Slowrun GPT (the record's architecture, unlimited/train.py at a200723)
 # =============================================================================================
 # SwiGLU MLP; separate q, k, v projections with interleaved head attention (IHA: learned
@@ -865,22 +995,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Causal attention over (B, H, T, D) where query i sees key j iff 0 <= i - j <= window."""
-    T = q.size(-2)
-    if window >= T - 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    i = torch.arange(T, device=q.device)
-    distance = i[:, None] - i[None, :]                             # (T, T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(distance >= 0) & (distance <= window))
-
-
 def mixed_heads(weight: torch.Tensor, mix: torch.Tensor | None) -> torch.Tensor:
     """IHA: head h of the projection becomes sum_g mix[h, g] * head g, fused into the weight."""
     if mix is None:
         return weight
     H = mix.size(0)
     return (mix @ weight.view(H, -1)).view_as(weight)              # (H, D/H * C) -> (D, C)
+
+
+MTP_SITE = 1 << 20  # the MTP block's dropout site, apart from every block application's
+
+
+def _splitmix(h: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplies wrap; the shifts are masked to act as
+    logical shifts): a counter-based generator made of tensor ops, so torch.compile traces it."""
+    h = (h ^ ((h >> 30) & ((1 << 34) - 1))) * -4658895280553007687   # 0xbf58476d1ce4e5b9
+    h = (h ^ ((h >> 27) & ((1 << 37) - 1))) * -7723592293110705685   # 0x94d049bb133111eb
+    return h ^ ((h >> 31) & ((1 << 33) - 1))
+
+
+def row_dropout(x: torch.Tensor, p: float, training: bool, seeds: torch.Tensor | None, site: int) -> torch.Tensor:
+    """Dropout whose mask for row b is a function of (seeds[b], site, element): the same sequence
+    of the global batch gets the same mask whatever micro-batch or process it lands on, so
+    --device-batch and --groups are placement flags. Without seeds, ordinary F.dropout."""
+    if not training or p == 0:
+        return x
+    if seeds is None:
+        return F.dropout(x, p, True)
+    B = x.size(0)
+    counter = site * (1 << 32) + torch.arange(x[0].numel(), device=x.device, dtype=torch.int64)  # (n,)
+    key = seeds.view(B, 1) + counter * -7046029254386353131          # (B, n): splitmix64's stream, 0x9e3779b97f4a7c15
+    u = ((_splitmix(key) >> 40) & 0xFFFFFF).to(torch.float32) * 2.0 ** -24   # 24 uniform bits, [0, 1)
+    keep = (u >= p).view(x.shape)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
 
 
 class CausalSelfAttention(nn.Module):
@@ -898,7 +1045,7 @@ class CausalSelfAttention(nn.Module):
         self.q_mix, self.k_mix, self.v_mix = ((nn.Parameter(torch.eye(h)) for _ in range(3)) if cfg.iha
                                               else (None, None, None))
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope, seeds=None, site: int = 0) -> torch.Tensor:
         B, T, D = x.shape                                          # x: the normed block input
         H, hd = self.n_head, self.head_dim
         q = F.linear(x, mixed_heads(self.q.weight, self.q_mix)).view(B, T, H, hd)
@@ -911,7 +1058,7 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window)  # (B, H, T, hd)
         y = y.transpose(1, 2) * torch.sigmoid(self.gate(x[..., :GATE_CHANNELS])).unsqueeze(-1)  # (B, T, H, hd)
-        return F.dropout(self.proj(y.reshape(B, T, D)), self.dropout, self.training)
+        return row_dropout(self.proj(y.reshape(B, T, D)), self.dropout, self.training, seeds, site)
 
 
 class MLP(nn.Module):
@@ -922,8 +1069,8 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(self.down(F.silu(self.gate(x)) * self.up(x)), self.dropout, self.training)
+    def forward(self, x: torch.Tensor, seeds=None, site: int = 0) -> torch.Tensor:
+        return row_dropout(self.down(F.silu(self.gate(x)) * self.up(x)), self.dropout, self.training, seeds, site)
 
 
 class Block(nn.Module):
@@ -932,9 +1079,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.attn(norm(x), x0, rope)
-        return x + self.mlp(norm(x))
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope, seeds=None, site: int = 0) -> torch.Tensor:
+        """site: which block application this is (dropout masks differ per application)."""
+        x = x + self.attn(norm(x), x0, rope, seeds, 2 * site)
+        return x + self.mlp(norm(x), seeds, 2 * site + 1)
 
 
 class GPT(nn.Module):
@@ -985,14 +1133,14 @@ class GPT(nn.Module):
         self.x0_scale.fill_(0.0 if self.cfg.zero_out_init else 0.1)
         self.skip_scale.fill_(1.0)
 
-    def _layer(self, i: int, x: torch.Tensor, x0: torch.Tensor, rope) -> torch.Tensor:
+    def _layer(self, i: int, x: torch.Tensor, x0: torch.Tensor, rope, seeds, site: int) -> torch.Tensor:
         """One block application, the residual/x0 mix before it (applied on every pass)."""
         x = self.resid_scale[i] * x + self.x0_scale[i] * x0
         if self.checkpoint_blocks and self.training:
-            return torch.utils.checkpoint.checkpoint(self.blocks[i], x, x0, rope, use_reentrant=False)
-        return self.blocks[i](x, x0, rope)
+            return torch.utils.checkpoint.checkpoint(self.blocks[i], x, x0, rope, seeds, site, use_reentrant=False)
+        return self.blocks[i](x, x0, rope, seeds, site)
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """The normed final hidden states (B, T, D): an encoder that keeps its outputs, then the
         decoder (looped block included) that adds encoder output n-1-i before layer i."""
         T, n = idx.size(1), self.cfg.n_layer
@@ -1000,38 +1148,43 @@ class GPT(nn.Module):
         x0 = norm(self.embed(idx))
         x, skips = x0, []
         for i in range(self.cfg.encoder_layers):
-            x = self._layer(i, x, x0, rope)
+            x = self._layer(i, x, x0, rope, seeds, site=i)
             skips.append(x)
-        for i in self.cfg.decoder_order():
+        for site, i in enumerate(self.cfg.decoder_order(), start=self.cfg.encoder_layers):
             if n - 1 - i < len(skips):
                 x = x + self.skip_scale[n - 1 - i] * skips[n - 1 - i]
-            x = self._layer(i, x, x0, rope)
+            x = self._layer(i, x, x0, rope, seeds, site)
         return norm(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Soft-capped logits over the real vocabulary, in float32."""
-        z = self.head(x)[..., :self.cfg.vocab_size].float()
+        # the head's weight, not the module: the chunked loss calls this outside forward(), where a
+        # module call would read as a new iteration to the preflight's memory tracker
+        z = F.linear(x, self.head.weight)[..., :self.cfg.vocab_size].float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(z / cap)
 
-    def mtp_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def mtp_loss(self, x: torch.Tensor, targets: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """Predict token t+2 from the hidden state at t and the embedding of token t+1, through
         the MTP block (long window, no value embedding) and the shared head."""
         T = x.size(1) - 1
         nxt = norm(self.embed(targets[:, :-1]))                          # (B, T-1, D)
         h = self.mtp_proj(torch.cat([x[:, :-1], nxt], dim=-1))           # (B, T-1, 2D) -> (B, T-1, D)
-        h = norm(self.mtp_block(h, h, (self.rope_cos[:T], self.rope_sin[:T])))
-        z = self.logits(h)
-        return F.cross_entropy(z.flatten(0, 1), targets[:, 1:].flatten())
+        h = norm(self.mtp_block(h, h, (self.rope_cos[:T], self.rope_sin[:T]), seeds, site=MTP_SITE))
+        return chunked_distillation_loss(self, h, targets[:, 1:])  # logits a chunk of tokens at a time
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, V); with targets, (logits, MTP loss or 0)."""
-        x = self.hidden(idx)
-        logits = self.logits(x)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, hidden: bool = False,
+                seeds: torch.Tensor | None = None):
+        """Logits (B, T, V); with targets, (logits, MTP loss or 0). hidden=True gives the normed
+        hidden states in place of the logits: the training loss and the evaluation make the
+        logits from them a chunk of tokens at a time (chunked_distillation_loss, token_probs).
+        seeds (int64, one per row): dropout masks drawn from each row's own seed (row_dropout)."""
+        x = self.hidden(idx, seeds)
+        out = x if hidden else self.logits(x)
         if targets is None:
-            return logits
-        mtp = self.mtp_loss(x, targets) if self.cfg.mtp_weight > 0 else logits.new_zeros(())
-        return logits, mtp
+            return out
+        mtp = self.mtp_loss(x, targets, seeds) if self.cfg.mtp_weight > 0 else x.new_zeros((), dtype=torch.float32)
+        return out, mtp
 
 
 def slowrun_config(ref: dict) -> GPTConfig:
@@ -1136,13 +1289,30 @@ def polar_express(G: torch.Tensor) -> torch.Tensor:
     return X
 
 
-def muon_direction(grad, momentum_buf, moment_buf, momentum: float, beta2: float, eq_r: bool, normuon: bool):
-    """The update direction of a stack of matrices (n, rows, cols); advances both buffers."""
+def sharded_polar_express(G: torch.Tensor, group=None) -> torch.Tensor:
+    """polar_express of a stack (n, rows, cols) with the work split over a process group: rank r
+    orthogonalises matrices r*k .. (r+1)*k - 1 (k = ceil(n / ranks), the stack zero-padded), then
+    an all-gather gives every rank the whole stack. Every matrix is orthogonalised on its own, so
+    the result is the unsharded one; only 1/ranks of the FLOPs run on each rank."""
+    if group is None:
+        return polar_express(G)
+    ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+    k = -(-G.size(0) // ranks)
+    padded = torch.cat([G, G.new_zeros(k * ranks - G.size(0), *G.shape[1:])]) if k * ranks > G.size(0) else G
+    mine = polar_express(padded[rank * k:(rank + 1) * k])
+    return torch.cat(all_gather(mine, group))[:G.size(0)]
+
+
+def muon_direction(grad, momentum_buf, moment_buf, momentum: float, beta2: float, eq_r: bool, normuon: bool,
+                   group=None):
+    """The update direction of a stack of matrices (n, rows, cols); advances both buffers. Every
+    rank of `group` holds the same gradients (DDP averaged them), so all but the orthogonalisation
+    runs everywhere and the state stays identical on every rank."""
     momentum_buf.lerp_(grad, 1 - momentum)
     g = grad.lerp(momentum_buf, momentum)                                   # Nesterov
     if eq_r:                                                                # MuonEq-R
         g = g / g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(g.dtype)
-    u = polar_express(g)
+    u = sharded_polar_express(g, group)
     if not normuon:
         return u
     reduce = -1 if u.size(-2) >= u.size(-1) else -2       # a moment per row (tall) or per column (wide)
@@ -1160,9 +1330,11 @@ class MuonAdamW(torch.optim.Optimizer):
     kind="adamw". Every group's "lr" and "weight_decay" are rewritten each step by the schedule
     from its "peak_lr" and "peak_wd"; the state is plain tensors and ints (weights_only)."""
 
-    def __init__(self, groups, momentum=0.95, beta2=0.95, eq_r=True, normuon=True, cautious=True, eps=1e-10):
+    def __init__(self, groups, momentum=0.95, beta2=0.95, eq_r=True, normuon=True, cautious=True, eps=1e-10,
+                 process_group=None):
         super().__init__(groups, dict(momentum=momentum, beta2=beta2, eq_r=eq_r, normuon=normuon,
                                       cautious=cautious, betas=(0.8, 0.95), eps=eps, weight_decay=0.0))
+        self.process_group = process_group  # Muon's orthogonalisation is sharded over it (None: not)
 
     @torch.no_grad()
     def step(self):
@@ -1186,7 +1358,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 if rows >= cols else torch.zeros(len(params), 1, cols, dtype=params[0].dtype, device=params[0].device)
         P = torch.stack(params)                                         # (n, rows, cols)
         u = muon_direction(torch.stack([p.grad for p in params]), state["momentum"], state["moment"],
-                           group["momentum"], group["beta2"], group["eq_r"], group["normuon"])
+                           group["momentum"], group["beta2"], group["eq_r"], group["normuon"], self.process_group)
         lr = torch.tensor(group["lr"] * max(1.0, rows / cols) ** 0.5, dtype=u.dtype)
         wd = torch.tensor(group["weight_decay"], dtype=u.dtype)
         decay = lr * wd * P
@@ -1210,7 +1382,7 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
 
 
-def build_optimizer(model: GPT, args) -> MuonAdamW:
+def build_optimizer(model: GPT, args, process_group=None) -> MuonAdamW:
     """The record's groups. Muon: every block matrix (attention, MLP, gates, value embeddings,
     MTP), stacked by shape. AdamW: head and embedding (decayed like the matrices), residual and
     skip scalars at 0.01x the scalar LR, x0 scalars with betas (0.96, 0.95), IHA mixing (no decay)."""
@@ -1233,7 +1405,7 @@ def build_optimizer(model: GPT, args) -> MuonAdamW:
     for g in groups:
         g["lr"], g["weight_decay"] = g["peak_lr"], g["peak_wd"]
     return MuonAdamW(groups, momentum=args.muon_momentum, eq_r=args.muon_eq_r, normuon=args.normuon,
-                     cautious=args.cautious_wd)
+                     cautious=args.cautious_wd, process_group=process_group)
 
 
 # =============================================================================================
@@ -1289,11 +1461,13 @@ def noise_scale(cycle: int, cycles: int, start: float, end: float) -> float:
 def add_snapshot_noise(model: GPT, scale: float, generator: torch.Generator):
     """Perturb every tensor of more than one number (matrices, embedding, head, scalar vectors, head
     mixing: what the record perturbs) by Gaussian noise of std scale * std(W): a kick out of the
-    basin the snapshot settled in, so the next cycle explores a different one."""
+    basin the snapshot settled in, so the next cycle explores a different one. The noise is drawn on
+    the weights' device from `generator` (seeded alike on every rank of a group, so ranks stay
+    equal), and std(W) stays a device tensor: no host round trip per tensor."""
     for p in model.parameters():
         if p.numel() > 1 and scale > 0:
-            noise = torch.randn(p.shape, generator=generator, device=generator.device, dtype=torch.float32)
-            p.add_(noise.to(p.device, p.dtype), alpha=scale * p.float().std().item())
+            noise = torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+            p.add_((noise * (scale * p.float().std())).to(p.dtype))
 
 
 # =============================================================================================
@@ -1316,46 +1490,94 @@ def distillation_loss(logits, targets, teacher_logits=None, alpha=0.45, temperat
     return (1 - alpha) * ce + alpha * T * T * kl
 
 
+LOSS_CHUNK_TOKENS = 4096  # tokens whose fp32 logits (x vocabulary) exist at once in the loss: 0.8 GB at 50K
+
+
+def _chunk_terms(model: GPT, x, targets, teacher: GPT | None, teacher_x, temperature: float):
+    """Summed cross-entropy, and summed KL to the teacher (0 without one), of one chunk of tokens."""
+    logits = model.logits(x)
+    ce = F.cross_entropy(logits, targets, reduction="sum")
+    if teacher is None:
+        return ce, torch.zeros_like(ce)
+    with torch.no_grad():
+        target = F.log_softmax(teacher.logits(teacher_x) / temperature, dim=-1)
+    return ce, F.kl_div(F.log_softmax(logits / temperature, dim=-1), target, log_target=True, reduction="sum")
+
+
+def chunked_distillation_loss(model: GPT, x, targets, teacher: GPT | None = None, teacher_x=None, alpha=0.45,
+                              temperature=1.2, mtp=None, mtp_weight=0.0, chunk=LOSS_CHUNK_TOKENS):
+    """distillation_loss from hidden states (B, T, D): the head, soft-cap, cross-entropy and KL run a
+    chunk of tokens at a time, each chunk recomputed in the backward pass (checkpointed), so no
+    [tokens x vocab] fp32 tensor of student or teacher exists whole."""
+    x, targets = x.flatten(0, 1), targets.flatten()
+    teacher_x = teacher_x.flatten(0, 1) if teacher is not None else None
+    ce = kl = 0.0
+    for s in range(0, x.size(0), chunk):
+        c, k = torch.utils.checkpoint.checkpoint(
+            _chunk_terms, model, x[s:s + chunk], targets[s:s + chunk], teacher,
+            teacher_x[s:s + chunk] if teacher is not None else None, temperature, use_reentrant=False)
+        ce, kl = ce + c, kl + k
+    loss = ce / x.size(0)
+    if mtp is not None and mtp_weight > 0:
+        loss = loss + mtp_weight * mtp
+    if teacher is None:
+        return loss
+    return (1 - alpha) * loss + alpha * temperature ** 2 * kl / x.size(0)
+
+
 # =============================================================================================
 # Evaluation: every target token's probability, the same tokens whatever the hardware
 # =============================================================================================
 
-def autocast_for(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast_for(device: torch.device, cache: bool = True):
+    """bf16 autocast on CUDA (--autocast auto), or wherever --autocast bf16 asks (the CPU tests).
+    cache=False: no bf16 copies of weights kept for a backward pass (the teacher has none)."""
+    mode = _kernels["autocast"]
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+    return nullcontext()
 
 
 @torch.no_grad()
 def token_probs(model: GPT, tokens: np.ndarray, seq_len: int, batch_size: int, device, group=None) -> np.ndarray:
     """p(true next token) for every target tokens[1:], in windows of seq_len that each start a
     fresh context (the last window shorter). With a process group, windows are spread over its
-    ranks and the result is summed, so every rank returns the whole array."""
+    ranks and the result is summed, so every rank returns the whole array. `model` may be a
+    compiled module (it is called in eval mode, one shape). Probabilities stay on
+    the device until the end: one copy to the host, and the reduction runs where the group's
+    backend wants it (all_reduce_)."""
     device = torch.device(device)
     n_targets = tokens.size - 1
     starts = list(range(0, n_targets, seq_len))
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     mine = starts[rank::world]
-    out = np.zeros(n_targets, dtype=np.float32)
+    out = torch.zeros(n_targets, dtype=torch.float32, device=device)
     was_training = model.training
     model.eval()
-    full = [s for s in mine if s + seq_len <= n_targets]
-    batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[s] for s in mine if s + seq_len > n_targets]  # the short last window alone
-    for batch in batches:
-        length = min(seq_len, n_targets - batch[0])
-        window = np.stack([tokens[s:s + length + 1] for s in batch]).astype(np.int64)
-        w = torch.from_numpy(window).to(device)
+    for i in range(0, len(mine), batch_size):
+        # Every forward is [batch_size, seq_len] (short windows and a short last batch padded,
+        # the padding discarded), so a compiled model sees one shape and never recompiles.
+        rows = np.zeros((batch_size, seq_len + 1), dtype=np.int64)
+        src, dst = [], []
+        for r, s in enumerate(mine[i:i + batch_size]):
+            length = min(seq_len, n_targets - s)
+            rows[r, :length + 1] = tokens[s:s + length + 1]
+            src.append(np.arange(r * seq_len, r * seq_len + length))
+            dst.append(np.arange(s, s + length))
+        w = to_device(torch.from_numpy(rows), device)
+        targets = w[:, 1:].flatten()
+        logp = torch.empty(targets.numel(), dtype=torch.float32, device=device)
         with autocast_for(device):
-            logits = model(w[:, :-1])
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, w[:, 1:, None]).squeeze(-1)
-        p = logp.exp().cpu().numpy()
-        for row, s in enumerate(batch):
-            out[s:s + length] = p[row]
+            x = model(w[:, :-1], hidden=True).flatten(0, 1)
+            for s in range(0, x.size(0), LOSS_CHUNK_TOKENS):  # logits a chunk at a time, as in training
+                z = model.logits(x[s:s + LOSS_CHUNK_TOKENS]).float()  # log p(y) = z_y - logsumexp(z)
+                logp[s:s + z.size(0)] = z.gather(-1, targets[s:s + z.size(0), None]).squeeze(-1) - z.logsumexp(-1)
+        src, dst = (to_device(torch.from_numpy(np.concatenate(x)), device) for x in (src, dst))
+        out.index_copy_(0, dst, logp[src].exp())
     model.train(was_training)
     if world > 1:
-        t = torch.from_numpy(out)
-        dist.all_reduce(t, group=group)  # each position was filled by exactly one rank
-        out = t.numpy()
-    return out
+        all_reduce_(out, group)  # each position was filled by exactly one rank
+    return out.cpu().numpy()
 
 
 def mean_nll(probs: np.ndarray) -> float:
@@ -1737,7 +1959,7 @@ def choose_device_batch(args, size: int, cycles: list[Cycle]) -> int:
     return max(d for d in range(1, min(cap, per_process) + 1) if per_process % d == 0)
 
 
-def make_layout(args, world: int, rank: int, cycles: list[Cycle]) -> Layout:
+def make_layout(args, world: int, rank: int, cycles: list[Cycle], create_groups: bool = True) -> Layout:
     groups = args.groups or math.gcd(args.bases, world)
     if world % groups or args.bases % groups:
         raise UsageError(f"{args.bases} bases cannot be placed evenly on {groups} groups of a world of {world} "
@@ -1749,7 +1971,7 @@ def make_layout(args, world: int, rank: int, cycles: list[Cycle]) -> Layout:
     for g in range(groups):  # every rank must take part in creating every group
         ranks = list(range(g * size, (g + 1) * size))
         pg = dist.new_group(ranks, timeout=datetime.timedelta(minutes=args.collective_timeout_minutes)) \
-            if world > 1 else None
+            if world > 1 and create_groups else None
         if g == index and size > 1:
             group = pg
     return Layout(world, rank, groups, index, group, size, rank - index * size,
@@ -1759,6 +1981,25 @@ def make_layout(args, world: int, rank: int, cycles: list[Cycle]) -> Layout:
 # =============================================================================================
 # Training one base
 # =============================================================================================
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto the device without stalling the host (pinned, asynchronous on CUDA)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def micro_batch_loss(forward, model: GPT, teacher_forward, teacher: GPT | None, rows: torch.Tensor, args,
+                     device, seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of one micro-batch (B, T + 1) as training runs it (and the preflight traces it):
+    `forward` (DDP and compiled as configured) gives hidden states, the loss makes logits in chunks."""
+    with autocast_for(device):
+        x, mtp = forward(rows[:, :-1], rows[:, 1:], hidden=True, seeds=seeds)
+        teacher_x = None
+        if teacher is not None:
+            with torch.no_grad(), autocast_for(device, cache=False):
+                teacher_x = teacher_forward(rows[:, :-1], hidden=True)
+        return chunked_distillation_loss(model, x, rows[:, 1:], teacher, teacher_x, args.distill_alpha,
+                                         args.distill_temperature, mtp, args.mtp_weight)
+
 
 def micro_batches_of(group_rank: int, group_size: int, micro_batches: int) -> list[int]:
     """Which micro-batches of the global batch this process runs (one per accumulation step).
@@ -1770,34 +2011,6 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2 ** 63 - 1)
 
 
-class RowDropout(torch.overrides.TorchFunctionMode):
-    """Dropout masks drawn per sequence of the global batch. While active, every F.dropout (and so
-    nn.Dropout) call draws row r's mask from row r's own generator, seeded by its position in the
-    global batch: how the batch is cut into micro-batches and spread over processes changes no
-    mask, so --device-batch and --groups are placement, not population. The model is unchanged."""
-
-    def __init__(self, seeds: list[int], device: torch.device):
-        super().__init__()
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.dropout:
-            return self.dropout(*args, **kwargs)
-        return func(*args, **kwargs)
-
-    def dropout(self, x, p=0.5, training=True, inplace=False):
-        if not training or p == 0:
-            return x
-        rows = len(self.generators)
-        if x.size(0) % rows:
-            raise RuntimeError(f"dropout on a tensor of leading size {x.size(0)}, not a multiple of the "
-                               f"{rows} rows of the micro-batch: RowDropout cannot tell rows apart")
-        n = x.numel() // rows  # a row's elements are contiguous in the leading dimension
-        keep = torch.stack([torch.rand(n, generator=g, device=x.device) for g in self.generators]) >= p
-        return x * keep.view(x.shape).to(x.dtype) * (1.0 / (1.0 - p))
-
-
 def snapshot_state(model: GPT, device: torch.device) -> dict:
     """The weights as saved: bf16 on GPU (half the disk), exact fp32 on CPU."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -1805,9 +2018,12 @@ def snapshot_state(model: GPT, device: torch.device) -> dict:
 
 
 def model_from_state(cfg: GPTConfig, state: dict, device) -> GPT:
-    model = GPT(cfg)
+    """A frozen copy of saved weights, built directly on `device` (no host-side model): eval mode,
+    no gradients, so autocast keeps no bf16 weight copies for a backward that never comes."""
+    with torch.device(device):
+        model = GPT(cfg)
     model.load_state_dict(state)
-    return model.to(device).eval()
+    return model.eval().requires_grad_(False)
 
 
 def clock(seconds: float) -> str:
@@ -1834,20 +2050,29 @@ class BaseTrainer:
         self.checkpoint_path = run_dir / "checkpoints" / f"base{base}.pt"
         torch.manual_seed(_seed(args.seed, base))  # the initialisation depends on the base only
         self.model = GPT(cfg).to(device)
-        self.optimizer = build_optimizer(self.model, args)
+        if args.checkpoint_activations:
+            self.model.checkpoint_blocks = True
+        self.optimizer = build_optimizer(self.model, args, layout.group)  # Muon sharded over the group
         self.ddp = None
         if layout.group is not None:
             from torch.nn.parallel import DistributedDataParallel
-            self.ddp = DistributedDataParallel(self.model, process_group=layout.group)
-        self.forward = self.ddp if self.ddp is not None else self.model
-        if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
-            self.forward = torch.compile(self.forward)
-        self.teacher: GPT | None = None
+            # gradients as views of DDP's buckets: no second fp32 copy of every gradient
+            self.ddp = DistributedDataParallel(self.model, process_group=layout.group, gradient_as_bucket_view=True)
+        self.use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+        self.forward = self.compiled(self.ddp if self.ddp is not None else self.model)
+        self.teacher: GPT | None = None  # and self.teacher_forward, its compiled forward
         self.step, self.cycles_done = 0, 0
         self.tracker = PopulationTracker(run_dir)
         self.scoring_seconds: list[float] = []  # per snapshot, for the ETA
         log.line(f"[b{base}] {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                  f"{sum(c.steps for c in cycles)} steps")
+
+    def compiled(self, module):
+        return torch.compile(module) if self.use_compile else module
+
+    def set_teacher(self, model: GPT | None):
+        self.teacher = model
+        self.teacher_forward = self.compiled(model) if model is not None else None
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self):
@@ -1877,7 +2102,7 @@ class BaseTrainer:
         """The previous snapshot of this base, exactly as saved (before any noise)."""
         record = json.loads((self.run_dir / "snapshots" / f"{snapshot_id(self.base, cycle)}.json").read_text())
         state = load_weights(self.run_dir / record["weights"])
-        self.teacher = model_from_state(self.cfg, state, self.device)
+        self.set_teacher(model_from_state(self.cfg, state, self.device))
 
     # --- one optimiser step ------------------------------------------------------------------
     def train_step(self, cycle: Cycle, step_in_cycle: int, distill: bool) -> float:
@@ -1892,19 +2117,13 @@ class BaseTrainer:
         accum = len(mine)
         loss_sum = torch.zeros((), device=self.device)
         for a, k in enumerate(mine):
-            rows = torch.from_numpy(batch[k * args.device_batch:(k + 1) * args.device_batch]).to(self.device)
-            seeds = [_seed(args.seed, self.base, self.step, r) for r in range(k * args.device_batch,
-                                                                             (k + 1) * args.device_batch)]
+            rows = to_device(torch.from_numpy(batch[k * args.device_batch:(k + 1) * args.device_batch]), self.device)
+            seeds = to_device(torch.tensor([_seed(args.seed, self.base, self.step, r) for r in range(
+                k * args.device_batch, (k + 1) * args.device_batch)], dtype=torch.int64), self.device)
             sync = nullcontext() if (self.ddp is None or a == accum - 1) else self.ddp.no_sync()
-            with sync, RowDropout(seeds, self.device):  # dropout masks follow the rows
-                with autocast_for(self.device):
-                    logits, mtp = self.forward(rows[:, :-1], rows[:, 1:])
-                    teacher_logits = None
-                    if distill:
-                        with torch.no_grad():
-                            teacher_logits = self.teacher(rows[:, :-1])
-                loss = distillation_loss(logits, rows[:, 1:], teacher_logits, args.distill_alpha,
-                                         args.distill_temperature, mtp, args.mtp_weight)
+            with sync:  # dropout masks follow the rows (row_dropout), not the micro-batch
+                loss = micro_batch_loss(self.forward, self.model, self.teacher_forward if distill else None,
+                                        self.teacher if distill else None, rows, args, self.device, seeds)
                 (loss / accum).backward()
             loss_sum += loss.detach()
         if args.grad_clip > 0:
@@ -1922,10 +2141,12 @@ class BaseTrainer:
         self.log.line(f"[b{self.base}] scoring {sid} on {self.data.fitness.size - 1:,} fitness and "
                       f"{self.data.val.size - 1:,} validation targets")
         t0 = time.perf_counter()
-        fitness = token_probs(snap, self.data.fitness, args.seq_len, args.eval_batch, self.device, self.layout.group)
-        val = token_probs(snap, self.data.val, args.seq_len, args.eval_batch, self.device, self.layout.group)
+        self.set_teacher(snap)  # compiled once: it scores now and teaches the next cycle
+        fitness = token_probs(self.teacher_forward, self.data.fitness, args.seq_len, args.eval_batch, self.device,
+                              self.layout.group)
+        val = token_probs(self.teacher_forward, self.data.val, args.seq_len, args.eval_batch, self.device,
+                          self.layout.group)
         self.scoring_seconds.append(time.perf_counter() - t0)
-        self.teacher = snap
         base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / len(self.stream)
         record = snapshot_record(sid, self.base, cycle.index, self.step, base_epochs, fitness, val, self.data,
                                  bool(args.val_probs))
@@ -1957,6 +2178,12 @@ class BaseTrainer:
         return steps_left * seconds_per_step + scores_left * per_score
 
     # --- the whole trajectory ----------------------------------------------------------------
+    def synced_clock(self) -> float:
+        """perf_counter once the device has finished the work queued so far."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def run(self):
         args, total_steps = self.args, self.cycles[-1].first_step + self.cycles[-1].steps
         self.resume()
@@ -1964,24 +2191,25 @@ class BaseTrainer:
             self.log.line(f"[b{self.base}] already complete")
             return
         self.last_checkpoint = started = time.time()
-        tokens_done, train_seconds, first_step = 0, 0.0, self.step  # train_seconds: steps only, not scoring
+        # tokens/s counts training steps only (not scoring or checkpoints). The clock is read at log
+        # points and checkpoints, after a device sync: no per-step sync stalls the queue.
+        tokens_done, train_seconds, first_step = 0, 0.0, self.step
         for cycle in self.cycles[self.cycles_done:]:
             distill = 0 < args.distill_from_cycle <= cycle.index and cycle.index > 1
             if distill and self.teacher is None:
                 self.load_teacher(cycle.index - 1)
+            mark = self.synced_clock()
             for i in range(self.step - cycle.first_step, cycle.steps):
-                t0 = time.perf_counter()
                 loss = self.train_step(cycle, i, distill)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                train_seconds += time.perf_counter() - t0
                 tokens_done += cycle.batch_seqs * args.seq_len
                 if self.step % args.log_every == 0 or i == cycle.steps - 1:
                     if self.layout.group is not None:
-                        dist.all_reduce(loss, group=self.layout.group)
+                        all_reduce_(loss, self.layout.group)
                         loss /= self.layout.group_size
                     check_finite(loss, self.base, cycle.index, self.step)
-                    rate = tokens_done / train_seconds
+                    now = self.synced_clock()
+                    train_seconds, mark = train_seconds + now - mark, now
+                    rate = tokens_done / max(train_seconds, 1e-9)
                     epoch = (cycle.first_pos + (i + 1) * cycle.batch_seqs * args.seq_len) / len(self.stream)
                     g = self.optimizer.param_groups[0]
                     self.log.line(f"[b{self.base}] cycle {cycle.index}/{len(self.cycles)} step {self.step}/"
@@ -1993,16 +2221,209 @@ class BaseTrainer:
                                    epoch=epoch, tokens_per_s=rate, distill=distill)
                 if i < cycle.steps - 1 and time.time() - self.last_checkpoint > args.checkpoint_minutes * 60:
                     check_finite(loss, self.base, cycle.index, self.step)  # never checkpoint NaN weights
+                    now = self.synced_clock()
+                    train_seconds += now - mark
                     self.save_checkpoint()
+                    mark = self.synced_clock()
             self.snapshot(cycle)
             start, end = args.snapshot_noise
             if cycle.index < len(self.cycles) and (start > 0 or end > 0):
-                gen = torch.Generator(device="cpu").manual_seed(_seed(args.seed, self.base, cycle.index, 7))
+                gen = torch.Generator(device=self.device).manual_seed(_seed(args.seed, self.base, cycle.index, 7))
                 add_snapshot_noise(self.model, noise_scale(cycle.index, len(self.cycles), start, end), gen)
             self.cycles_done = cycle.index
             self.save_checkpoint()
             if not (0 < args.distill_from_cycle <= cycle.index + 1):
-                self.teacher = None  # no need to hold it until distillation starts
+                self.set_teacher(None)  # no need to hold it until distillation starts
+
+
+# =============================================================================================
+# Preflight plan: what a run costs before it starts
+# =============================================================================================
+# `--dry-run` prints this and stops; every run prints it at the top and refuses a run whose files
+# cannot fit on the disk. The model (whatever GPT(cfg) is), its teacher and the optimiser are built
+# and stepped on fake tensors: shapes and dtypes only, no memory, no GPU, any size. The trace runs
+# on the CPU under CPU bf16 autocast (what CUDA autocast does to matmuls); attention FLOPs are the
+# dense square, what SDPA computes (a sliding window under FlexAttention does less).
+# Pinned torch internals (torch 2.5 to 2.13), used here only: torch._subclasses.fake_tensor.
+# FakeTensorMode; symbolic_shapes.ShapeEnv(allow_scalar_outputs) so an optimiser's .item() is a
+# symbol; torch.utils.flop_counter.{FlopCounterMode, sdpa_flop_count, sdpa_backward_flop_count};
+# torch.distributed._tools.mem_tracker.MemTracker.
+
+H100_BF16_TFLOPS = 989.0   # dense bf16 peak of one H100 SXM
+SLOWRUN_SPLIT = dict(train=100_000_000, val=10_000_000, vocab=50257)  # assumed when the data is not there yet
+GIB = 2 ** 30
+
+
+def _flop_formulas() -> dict:
+    """FLOPs of the CPU SDPA kernel the trace runs into (FlopCounterMode knows the CUDA ones)."""
+    from torch.utils import flop_counter as fc
+    aten = torch.ops.aten
+
+    def fwd(q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(q, k, v)
+
+    def bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, q, k, v)
+    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
+
+
+def trace_step(cfg: GPTConfig, args, device_batch: int, checkpoint: bool, distill: bool, memory: bool = True) -> dict:
+    """One micro-batch of training on fake tensors: FLOPs of each part and (`memory`: the slow
+    part) the peak memory of weights, gradients, optimiser state, teacher and activations together."""
+    formulas, flops, cpu, kernels = _flop_formulas(), {}, torch.device("cpu"), dict(_kernels)
+    _kernels["autocast"] = "bf16"  # the training code's own autocast, on the CPU
+    try:
+        return _trace(cfg, args, device_batch, checkpoint, distill, memory, formulas, flops, cpu)
+    finally:
+        _kernels.update(kernels)
+
+
+def _trace(cfg, args, device_batch, checkpoint, distill, memory, formulas, flops, cpu) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.utils.flop_counter import FlopCounterMode
+    with FakeTensorMode(shape_env=ShapeEnv(allow_scalar_outputs=True)):
+        model = GPT(cfg)
+        if checkpoint:
+            if not hasattr(model, "checkpoint_blocks"):
+                raise UsageError("this model has no activation checkpointing; drop --checkpoint-activations")
+            model.checkpoint_blocks = True
+        optimizer = build_optimizer(model, args)
+        for p in model.parameters():  # a first step creates the optimiser state; it counts the step's FLOPs
+            p.grad = torch.zeros_like(p)
+        with FlopCounterMode(display=False, custom_mapping=formulas) as fc:
+            optimizer.step()
+        flops["optimizer"] = fc.get_total_flops()
+        optimizer.zero_grad(set_to_none=True)
+        # The teacher keeps requires_grad here (MemTracker hooks every parameter); run under no_grad
+        # and without autocast's weight cache (micro_batch_loss), it holds what a run's frozen teacher holds.
+        teacher = GPT(cfg).eval() if distill else None
+        idx = torch.randint(0, cfg.vocab_size, (device_batch, cfg.seq_len + 1))
+        if teacher is not None:  # its forward alone, for its FLOPs (the step below runs it again)
+            with torch.no_grad(), autocast_for(cpu, cache=False), \
+                    FlopCounterMode(display=False, custom_mapping=formulas) as fc:
+                teacher(idx[:, :-1])
+            flops["teacher"] = fc.get_total_flops()
+        tracker = MemTracker() if memory else nullcontext()
+        if memory:
+            tracker.track_external(model, optimizer, *([teacher] if teacher is not None else []))
+        with tracker:
+            with FlopCounterMode(display=False, custom_mapping=formulas) as fc:
+                micro_batch_loss(model, model, teacher, teacher, idx, args, cpu).backward()
+            flops["student"] = fc.get_total_flops() - flops.get("teacher", 0)
+            optimizer.step()
+        peak = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values()) if memory else None
+        params = sum(p.numel() for p in model.parameters())
+        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                    if torch.is_tensor(t))
+    tokens = device_batch * cfg.seq_len
+    return {"params": params, "optimizer_state_bytes": state, "peak_bytes": peak,
+            "student_flops_per_token": flops["student"] / tokens,
+            "teacher_flops_per_token": flops.get("teacher", 0) / tokens, "optimizer_flops": flops["optimizer"]}
+
+
+@dataclasses.dataclass
+class PlanTarget:
+    processes: int
+    device: str             # "cuda" or "cpu": what the snapshots are saved in (bf16 or fp32)
+    train_tokens: int
+    fitness_tokens: int
+    val_tokens: int
+    assumed_data: bool
+
+
+def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget, traces=None) -> dict:
+    """The plan; memory is traced for CUDA targets and --dry-run (a CPU run's tests skip its cost).
+    `traces`: (distilling step, plain step) from trace_step, to reuse them for several layouts."""
+    distills = 0 < args.distill_from_cycle <= args.cycles and args.cycles > 1
+    memory = target.device == "cuda" or args.dry_run
+    if traces is not None:
+        step, plain = traces if distills else (traces[1], traces[1])
+    else:
+        step = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, distills, memory)
+        plain = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, False) \
+            if distills and memory else step
+    groups = args.groups or math.gcd(args.bases, target.processes)
+    group_size = target.processes // groups
+    rate = args.peak_tflops * 1e12 * args.mfu  # FLOP/s per process
+    muon = plain["optimizer_flops"] / group_size  # orthogonalisation sharded over the group
+    fwd = step["teacher_flops_per_token"] or plain["student_flops_per_token"] / 3  # a forward is ~1/3 of fwd+bwd
+
+    def step_seconds(c: Cycle, distill: bool) -> float:
+        per_token = plain["student_flops_per_token"] + (step["teacher_flops_per_token"] if distill else 0.0)
+        return (c.batch_seqs * cfg.seq_len * per_token / group_size + muon) / rate
+
+    eval_seconds = (target.fitness_tokens + target.val_tokens) * fwd / group_size / rate
+    base_seconds = sum(c.steps * step_seconds(c, 0 < args.distill_from_cycle <= c.index and c.index > 1)
+                       + eval_seconds for c in cycles)
+    epoch_seconds = (target.train_tokens * plain["student_flops_per_token"] / group_size
+                     + target.train_tokens / (args.batch_seqs * cfg.seq_len) * muon) / rate
+    weight_bytes = step["params"] * (2 if target.device == "cuda" else 4)
+    cache_bytes = 2 * (target.fitness_tokens + (target.val_tokens if args.val_probs else 0))
+    checkpoint_bytes = 4 * step["params"] + step["optimizer_state_bytes"]
+    snapshots = args.bases * args.cycles
+    return {
+        "target": dataclasses.asdict(target), "groups": groups, "group_size": group_size, "params": step["params"],
+        "student_flops_per_token": plain["student_flops_per_token"], "teacher_flops_per_token": fwd,
+        "optimizer_flops_per_step": plain["optimizer_flops"],
+        "step_tokens": args.batch_seqs * cfg.seq_len,
+        "peak_gib": plain["peak_bytes"] / GIB if memory else None,
+        "peak_gib_distilling": step["peak_bytes"] / GIB if distills and memory else None,
+        "snapshot_gib": (weight_bytes + cache_bytes) / GIB, "snapshots": snapshots,
+        "disk_gib": (snapshots * (weight_bytes + cache_bytes) + (args.bases + groups) * checkpoint_bytes) / GIB,
+        "hours_per_epoch": epoch_seconds / 3600,
+        "hours": math.ceil(args.bases / groups) * base_seconds / 3600,
+    }
+
+
+def _gib(x: float) -> str:
+    return f"{x:.1f} GiB" if x >= 0.1 else f"{x * 1024:.1f} MiB"
+
+
+def _hours(h: float) -> str:
+    return f"{h:.1f} h" if h >= 1 else f"{h * 60:.1f} min" if h >= 1 / 60 else f"{h * 3600:.1f} s"
+
+
+def plan_lines(plan: dict, args) -> list[str]:
+    t = plan["target"]
+    peak = "traced for CUDA runs and --dry-run" if plan["peak_gib"] is None else \
+        _gib(plan["peak_gib"]) + (f", distilling {_gib(plan['peak_gib_distilling'])}"
+                                  if plan["peak_gib_distilling"] is not None else "") + " (estimate)"
+    return [
+        f"plan: {plan['params']:,} parameters | {t['processes']} process(es) on {t['device']}, {plan['groups']} group(s)"
+        f" of {plan['group_size']} | data {t['train_tokens']:,} train, {t['fitness_tokens']:,} fitness, "
+        f"{t['val_tokens']:,} val tokens" + (" (assumed: Slowrun's split; the data is not there yet)"
+                                             if t["assumed_data"] else ""),
+        f"plan: FLOPs per token: student {plan['student_flops_per_token']:.3e} (forward + backward), teacher "
+        f"{plan['teacher_flops_per_token']:.3e} (forward) | per step of {plan['step_tokens']:,} tokens: student "
+        f"{plan['step_tokens'] * plan['student_flops_per_token']:.3e}, teacher "
+        f"{plan['step_tokens'] * plan['teacher_flops_per_token']:.3e} (distilling), Muon "
+        f"{plan['optimizer_flops_per_step']:.3e} ({plan['optimizer_flops_per_step'] / plan['group_size']:.3e} on "
+        f"each of {plan['group_size']} process(es): sharded)",
+        f"plan: peak memory per process at --device-batch {args.device_batch}"
+        f"{' with' if args.checkpoint_activations else ' without'} activation checkpointing: {peak}",
+        f"plan: disk: {plan['snapshots']} snapshots x {_gib(plan['snapshot_gib'])} (weights and caches) + "
+        f"checkpoints = {_gib(plan['disk_gib'])}",
+        f"plan: at {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s per process: {_hours(plan['hours_per_epoch'])} "
+        f"per epoch of one base, {_hours(plan['hours'])} for the population (estimate)",
+    ]
+
+
+def check_disk(plan: dict, run_dir: Path):
+    """Refuse, with the numbers, a run whose snapshots, caches and checkpoints cannot fit."""
+    import shutil
+    have = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()) if run_dir.exists() else 0
+    place = run_dir
+    while not place.exists():
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    need = plan["disk_gib"] * GIB - have
+    if need > free:
+        raise UsageError(f"the run needs {need / GIB:.1f} GiB more for {plan['snapshots']} snapshots "
+                         f"({plan['snapshot_gib']:.2f} GiB each) and checkpoints, and {place} has "
+                         f"{free / GIB:.1f} GiB free; free space, choose another --runs-dir, or pass --val-probs 0")
 
 
 # =============================================================================================
@@ -2054,6 +2475,9 @@ def model_config(args, vocab_size: int) -> GPTConfig:
 
 
 def setup_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
+    if dist.is_initialized():  # a group the caller started (the tests' fake world of 8)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return dist.get_world_size(), dist.get_rank(), device
     if "RANK" not in os.environ:
         return 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     timeout = datetime.timedelta(minutes=timeout_minutes)  # torch's default is 30 minutes (gloo)
@@ -2129,6 +2553,31 @@ class Peers:
                 f"{self.timeout_s / 60:g} (its process or node hung or died); rerun the same command to resume")
 
 
+def dry_run(args) -> int:
+    """The plan alone: from the data when it is there, else (slowrun) from Slowrun's split."""
+    try:
+        try:
+            data = load_data(args)
+            sizes, vocab, assumed = (data.train.size, data.fitness.size, data.val.size), data.vocab_size, False
+        except DataError:
+            if args.preset != "slowrun":
+                raise
+            fitness = args.fitness_tokens
+            sizes = (args.train_tokens or SLOWRUN_SPLIT["train"] - fitness, fitness, args.val_tokens or SLOWRUN_SPLIT["val"])
+            vocab, assumed = SLOWRUN_SPLIT["vocab"], True
+        processes = args.plan_gpus or int(os.environ.get("WORLD_SIZE", "1"))
+        device = "cuda" if args.plan_gpus or torch.cuda.is_available() else "cpu"
+        cycles = plan_cycles(args, sizes[0])
+        make_layout(args, processes, 0, cycles, create_groups=False)
+        plan = plan_run(args, model_config(args, vocab), cycles, PlanTarget(processes, device, *sizes, assumed))
+        print("\n".join(plan_lines(plan, args)))
+        check_disk(plan, Path(args.runs_dir) / args.run_name)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -2136,8 +2585,12 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return dry_run(args)
     world, rank, device = setup_distributed(args.collective_timeout_minutes)
-    peers = Peers(world, rank, args.collective_timeout_minutes) if world > 1 else None
+    set_kernels(attention=args.attention, autocast=args.autocast)
+    # heartbeats need a real rendezvous store (the tests' fake world of 8 has one without counters)
+    peers = Peers(world, rank, args.collective_timeout_minutes) if world > 1 and dist.get_backend() != "fake" else None
     try:
         return train(args, world, rank, device, peers)
     except UsageError as e:  # a full disk, a tampered snapshot, a hung peer: whichever rank meets it says so
@@ -2164,8 +2617,11 @@ def train(args, world: int, rank: int, device: torch.device, peers: Peers | None
         if args.import_slowrun and world > 1:
             raise UsageError("--import-slowrun runs in one process; drop torchrun")
         run_dir = Path(args.runs_dir) / args.run_name
-        resumed = False
+        resumed, plan = False, None
         if rank == 0:
+            plan = plan_run(args, cfg, cycles, PlanTarget(world, device.type, data.train.size, data.fitness.size,
+                                                          data.val.size, assumed_data=False))
+            check_disk(plan, run_dir)
             run_dir, resumed, lock = prepare_run_dir(args, data, cfg, cycles)
         ok = [True]
     except UsageError as e:
@@ -2176,11 +2632,12 @@ def train(args, world: int, rank: int, device: torch.device, peers: Peers | None
         if rank == 0:
             print(f"error: cannot write {e.filename} ({e.strerror}); choose another --runs-dir", file=sys.stderr)
         ok = [False]
-    if world > 1:  # every rank learns whether rank 0 accepted the run before anything starts
-        dist.broadcast_object_list(ok, src=0)
+    if world > 1:  # every rank learns whether all accepted the run (rank 0 checks the run dir) before anything starts
+        ok = [all_reduce_(torch.tensor([0.0 if ok[0] else 1.0])).item() == 0]
     if not ok[0]:
         if world > 1:
-            peers.close()
+            if peers is not None:
+                peers.close()
             dist.destroy_process_group()
         return 2
     if rank > 0 and layout.group_rank == 0 and lock is None:
@@ -2200,13 +2657,15 @@ def train(args, world: int, rank: int, device: torch.device, peers: Peers | None
             log.line(f"resuming {run_dir} (world size {world})")
         else:
             log_header(log, args, world)
+        for line in plan_lines(plan, args):
+            log.line(line)
         epochs = sum(c.epochs for c in cycles)
         log.line(f"run {run_dir} | {args.bases} bases x {args.cycles} cycles = {args.bases * args.cycles} snapshots | "
                  f"{epochs:g} epochs per base, budget {epochs * args.bases:g} epochs | train {data.train.size:,} "
                  f"tokens, fitness {data.fitness.size:,}, val {data.val.size:,} | {layout.groups} group(s) of "
                  f"{layout.group_size} process(es) on {device.type}")
     if world > 1:
-        dist.barrier()
+        barrier()
     try:
         if args.import_slowrun:
             import_slowrun(args, data, cfg, cycles, run_dir, log, device)
@@ -2229,7 +2688,8 @@ def train(args, world: int, rank: int, device: torch.device, peers: Peers | None
                  f"{pop['best_single_val_loss']:.4f} ({pop['best_single']}) | uniform ensemble val {uniform} | "
                  f"next: python fit_prior.py {run_dir} && python eval.py {run_dir} --prior {run_dir}/prior.json")
     if world > 1:
-        peers.close()
+        if peers is not None:
+            peers.close()
         dist.destroy_process_group()
     return 0
 

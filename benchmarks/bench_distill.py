@@ -33,7 +33,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         log = q0.RunLog(Path(tmp), enabled=False)
         trainer = q0.BaseTrainer(args, 0, layout, data, cfg, cycles, Path(tmp), log, device)
-        trainer.teacher = q0.model_from_state(cfg, q0.snapshot_state(trainer.model, device), device)
+        trainer.set_teacher(q0.model_from_state(cfg, q0.snapshot_state(trainer.model, device), device))
         cycle = cycles[0]
         seconds = {False: 0.0, True: 0.0}
         for i in range(opts.warmup + opts.steps):

@@ -10,11 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import run_train  # noqa: E402
 from test_prior import assert_clean_error, cli, make_run, synthetic, val_tokens  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+import eval as eval_py  # noqa: E402
 
 
 def nll_sum(P, w):
@@ -186,3 +190,21 @@ def test_a_prior_knows_its_population(tmp_path):
     (run / "snapshots" / f"{other}.json").write_text(json.dumps(rec))
     assert_clean_error(cli("eval.py", run, "--prior", run / "prior.json", "--out", tmp_path / "e2.json"),
                        f"snapshot {run}:{other} changed since")
+
+
+def test_scores_in_token_chunks_equal_the_whole(monkeypatch):
+    """The forward path's bounded memory: weightings scored chunk by chunk (here 1,024 tokens of
+    5 members) equal the sums over all tokens at once; a member no weighting needs is never read."""
+    rng = np.random.default_rng(0)
+    P = rng.uniform(0.01, 1, size=(5, 5000)).astype(np.float32)
+    P[4] = 0  # not needed: never scored
+    W = torch.from_numpy(rng.dirichlet(np.ones(4), size=7))
+    W = torch.cat([W, torch.zeros(7, 1, dtype=W.dtype)], 1)
+    need = np.array([True] * 4 + [False])
+    monkeypatch.setattr(eval_py, "CHUNK_ELEMS", 5 * 1024)
+    keep = torch.from_numpy((rng.uniform(size=5000) > 0.1).astype(np.float64))  # targets that carry bytes
+    sums, member_sums = eval_py.score_chunks(lambda s, e: P[:, s:e], 5, 5000, W, keep, need)
+    whole = torch.from_numpy(P).double()
+    np.testing.assert_allclose(sums, eval_py.nll_sums(W @ whole, keep).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(member_sums[:4], eval_py.nll_sums(whole[:4], keep).numpy(), rtol=1e-12)
+    assert (member_sums[4] == 0).all()

@@ -1,0 +1,58 @@
+"""The preflight plan of the 1.8B slowrun preset on 8 H100s, as README's table (an estimate).
+
+    python benchmarks/plan_slowrun.py            # fake-tensor traces at full size: minutes on 2 cores
+
+Traces one distilling micro-batch (the larger peak) at device batch 2 first: FLOPs, and the plan of
+the record population (5 bases x 96 cycles) and of --epochs 256; then the peak at device batch 1,
+2, 4, 8 with and without activation checkpointing, one line per trace as it finishes. Memory is per
+process (weights, gradients, optimiser state, teacher, activations; DDP's gradients are bucket
+views); hours assume --mfu of --peak-tflops per GPU. No data is read: Slowrun's split is assumed.
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_q0 as q0  # noqa: E402
+
+SPLIT = q0.SLOWRUN_SPLIT
+
+
+def target(args, gpus=8):
+    fitness = args.fitness_tokens
+    return q0.PlanTarget(gpus, "cuda", SPLIT["train"] - fitness, fitness, SPLIT["val"], assumed_data=True)
+
+
+ORDER = [(2, False), (2, True), (8, True), (1, False), (4, True), (4, False), (8, False), (1, True)]
+
+
+def main():
+    base = q0.parse_args(["--dry-run"])
+    cfg = q0.model_config(base, SPLIT["vocab"])
+    t0 = time.time()
+    first = q0.trace_step(cfg, base, 2, False, distill=True)  # FLOPs, and the first memory cell
+    print(f"{cfg.n_layer} layers ({cfg.encoder_layers + len(cfg.decoder_order())} block applications per token), "
+          f"{first['params']:,} parameters; FLOPs per token: student (forward + backward, chunked loss) "
+          f"{first['student_flops_per_token']:.3e}, teacher forward {first['teacher_flops_per_token']:.3e}; Muon "
+          f"{first['optimizer_flops']:.3e} per step in all (1/8 on each GPU, sharded) ({time.time() - t0:.0f} s)\n")
+    print("| population | snapshots | FLOPs per step (524,288 tokens; distilling) | snapshot disk | all files | "
+          f"hours per epoch | hours at {base.mfu:.0%} MFU |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, flags in (("record", []), ("--epochs 256", ["--epochs", "256"])):
+        args = q0.parse_args(["--dry-run", *flags])
+        cycles = q0.plan_cycles(args, SPLIT["train"] - args.fitness_tokens)
+        plan = q0.plan_run(args, cfg, cycles, target(args), traces=(first, first))
+        step = plan["step_tokens"] * (plan["student_flops_per_token"] + plan["teacher_flops_per_token"]) \
+            + plan["optimizer_flops_per_step"]
+        print(f"| {name}: {args.bases} bases x {args.cycles} cycles | {plan['snapshots']} | {step:.3e} | "
+              f"{plan['snapshot_gib']:.2f} GiB each | {plan['disk_gib']:,.0f} GiB | {plan['hours_per_epoch']:.3f} | "
+              f"{plan['hours']:,.1f} |", flush=True)
+    print("\npeak memory per GPU of a distilling micro-batch (the larger peak), as traced:", flush=True)
+    for batch, checkpoint in ORDER:
+        trace = first if (batch, checkpoint) == (2, False) else q0.trace_step(cfg, base, batch, checkpoint, True)
+        print(f"| device batch {batch} | checkpointing {'on ' if checkpoint else 'off'} | "
+              f"{trace['peak_bytes'] / q0.GIB:.1f} GiB | ({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
