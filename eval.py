@@ -108,6 +108,32 @@ def population_check(path: Path, prior: dict, members, where: dict) -> set[int]:
     return fitted_on
 
 
+def split_students(members):
+    """Students (runs trained with --distil-from) apart from the population: they join no ensemble,
+    no prior and no curve, and are scored alone, beside the ensembles. Runs of students only are a
+    population of their own."""
+    students = [m for m in members if m.run["population_config"].get("distil_from")]
+    if len(students) == len(members):
+        return members, []
+    return [m for m in members if m not in students], students
+
+
+def student_rows(students, member_sums, run: dict) -> list[dict]:
+    """Each student run's last snapshot (the end of its schedule): its loss at 1 forward pass, its own
+    epochs, and the teacher's cost (the members of nonzero weight it learned from)."""
+    out = []
+    for run_dir in dict.fromkeys(m.run_dir for m in students):
+        mine = [(m, s) for m, s in zip(students, member_sums) if m.run_dir == run_dir]
+        m, s = max(mine, key=lambda x: (x[0].record["cycle"], x[0].record["base"]))
+        cfg = m.run["population_config"]
+        out.append({"run": str(run_dir), "id": m.record["id"], "forward_passes": 1,
+                    "epochs": train_q0.epochs_spent([x.record for x, _ in mine]),
+                    "teacher": {"prior": cfg["distil_from"], "K": cfg["distil_k"],
+                                "forward_passes": len(cfg.get("distil_teacher", []))},
+                    **numbers(s, run)})
+    return out
+
+
 def forward_passes(w: np.ndarray) -> int:
     """The inference cost of a weighting: members with a weight, the forward passes a user runs."""
     return int(np.count_nonzero(w))
@@ -321,8 +347,12 @@ def markdown(res: dict) -> str:
         for kind in ("renormalised", "refitted"):
             rows.append(f"| prior K={b['K']}, {kind} | {b[kind]['forward_passes']} | {b[kind]['loss']:.4f} | "
                         f"{fmt_bpb(b[kind]['bpb'])} |")
+    for st in res.get("students", []):
+        rows.append(f"| student {Path(st['run']).name} ({st['id']}, {st['epochs']:.2f} epochs of its own; teacher "
+                    f"K={st['teacher']['K']}, {st['teacher']['forward_passes']} forward passes) | 1 | {st['loss']:.4f} | "
+                    f"{fmt_bpb(st['bpb'])} |")
     if rows:
-        out += ["| ensemble | forward passes | loss | bpb |", "| --- | ---: | ---: | ---: |", *rows, ""]
+        out += ["| ensemble, or student | forward passes | loss | bpb |", "| --- | ---: | ---: | ---: |", *rows, ""]
     if res["members"]:
         out += ["## Each snapshot alone", "", "| snapshot | run | base | cycle | base epochs | forward passes | loss | bpb |",
                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -424,21 +454,22 @@ def main(argv=None):
         die("--budgets selects budgets of a prior; give --prior too")
 
     try:
-        members = fit_prior.load_population(args.runs)
-        ks = fit_prior.parse_budgets(args.budgets, len(members)) if args.budgets else None
+        pop, students = split_students(fit_prior.load_population(args.runs))
+        members = pop + students  # weightings are over the population; students get weight 0 in all
+        ks = fit_prior.parse_budgets(args.budgets, len(pop)) if args.budgets else None
         weightings = []
         if "uniform" in parts:
-            weightings.append({"part": "uniform", "w": np.full(len(members), 1.0 / len(members))})
+            weightings.append({"part": "uniform", "w": np.full(len(pop), 1.0 / len(pop))})
         prior = None
         if args.prior and "prior" in parts:
-            prior, ws = load_prior(Path(args.prior), members, ks)
+            prior, ws = load_prior(Path(args.prior), pop, ks)
             if prior["unfitted"]:
-                print(f"note: {unfitted_note(args.prior, prior['unfitted'], len(members))}", file=sys.stderr)
+                print(f"note: {unfitted_note(args.prior, prior['unfitted'], len(pop))}", file=sys.stderr)
             weightings += ws
         if "curve" in parts:
-            weightings += curve_weightings(members, curve_points(len(members), args.curve_points))
-        W = torch.from_numpy(np.stack([x["w"] for x in weightings])) if weightings \
-            else torch.zeros((0, len(members)), dtype=torch.float64)
+            weightings += curve_weightings(pop, curve_points(len(pop), args.curve_points))
+        W = torch.from_numpy(np.stack([np.append(x["w"], np.zeros(len(students))) for x in weightings])) \
+            if weightings else torch.zeros((0, len(members)), dtype=torch.float64)
 
         keep = byte_targets(members[0].run)
         rank = 0
@@ -446,7 +477,7 @@ def main(argv=None):
             dist.init_process_group("gloo")
             rank = dist.get_rank()
         if args.forward:
-            need = (W != 0).any(0).numpy() | ("members" in parts)
+            need = (W != 0).any(0).numpy() | ("members" in parts) | (np.arange(len(members)) >= len(pop))
             device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" and world > 1 else args.device
             spill = out.with_name(f".{out.name}.members.tmp")  # fixed: a rerun reuses it
             sums, member_sums = score_forward(members, W, keep, need, device, args.batch_size, rank, world, spill)
@@ -464,13 +495,14 @@ def main(argv=None):
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "path": "forward passes" if args.forward else "cached fp16 probabilities",
            "cache_tolerance_nats": CACHE_TOLERANCE, "processes": world,
-           "runs": [str(r) for r in args.runs], "population": len(members),
+           "runs": [str(r) for r in args.runs], "population": len(pop),
            "val": {k: run["val"].get(k) for k in ("targets", "text_bytes", "sha256")},
            "members": [], "curve": []}
     if "members" in parts:
         res["members"] = [{"run": str(m.run_dir), "id": m.record["id"], "base": m.record["base"],
                            "cycle": m.record["cycle"], "base_epochs": m.record["base_epochs"],
                            "forward_passes": 1, **numbers(s, run)} for m, s in zip(members, member_sums)]
+    res["students"] = student_rows(students, member_sums[len(pop):], run)
     budgets, curve = {}, {}
     for x, s in zip(weightings, sums):
         if x["part"] == "uniform":

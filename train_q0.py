@@ -184,8 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("chain distillation")
     g.add_argument("--distill-from-cycle", type=int, default=9,
                    help="first cycle that distils from the previous snapshot (0: never)")
-    g.add_argument("--distill-alpha", type=float, default=0.45)
-    g.add_argument("--distill-temperature", type=float, default=1.2)
+    g.add_argument("--distill-alpha", type=float, default=0.45,
+                   help="weight a of the teacher: (1-a) CE + a T^2 KL (chain and ensemble distillation alike)")
+    g.add_argument("--distill-temperature", type=float, default=1.2, help="temperature T of the KL term")
+    g = p.add_argument_group("ensemble distillation: one student of a prior's ensemble, at 1 forward pass")
+    g.add_argument("--distil-from", default="",
+                   help="prior.json from fit_prior.py: every cycle learns from its --distil-k ensemble (log of the "
+                        "weighted mean of the members' probabilities at --distill-temperature); with --epochs E "
+                        "the student is one base of E epochs without snapshot noise. The run is an ordinary one")
+    g.add_argument("--distil-k", type=int, default=0, help="which budget K of the prior (0: its largest)")
+    g.add_argument("--distil-init", choices=["scratch", "best"], default="scratch",
+                   help="the student starts from scratch, or as the prior's member with the lowest fitness loss")
     g = p.add_argument_group("snapshots, logs and runs")
     g.add_argument("--runs-dir", default="runs")
     g.add_argument("--run-name", default="", help="default: <preset>-<bases>x<cycles>-seed<seed>")
@@ -287,9 +296,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             explicit.add_argument("--" + flag.replace("_", "-"), type=type(getattr(args, flag)),
                                   default=argparse.SUPPRESS)
         given = vars(explicit.parse_known_args(argv)[0])
+        if args.distil_from:  # a student: one base, unless the user says otherwise
+            given = {"bases": 1} | given
         vars(args).update(recipe(args.epochs, RECIPES[args.preset], given))
+    if args.distil_from and "--snapshot-noise" not in (sys.argv[1:] if argv is None else argv):
+        args.snapshot_noise = [0.0, 0.0]  # a student's snapshots are its own checkpoints, not a population
     if not args.run_name:
-        args.run_name = f"{args.preset}-{args.bases}x{args.cycles}-seed{args.seed}"
+        kind = "distil-" if args.distil_from else ""
+        args.run_name = f"{args.preset}-{kind}{args.bases}x{args.cycles}-seed{args.seed}"
     return args
 
 
@@ -352,6 +366,7 @@ RANGES = {
     "checkpoint_minutes": at_least(0), "compile": CHOICE, "wandb_project": TEXT,
     "collective_timeout_minutes": at_least(0, lo_open=True), "attention": CHOICE, "autocast": CHOICE,
     "checkpoint_activations": SWITCH, "dry_run": SWITCH, "plan_gpus": at_least(0),
+    "distil_from": PATH, "distil_k": at_least(0), "distil_init": CHOICE,
     "mfu": Range(lo=0, hi=1, lo_open=True), "peak_tflops": at_least(0, lo_open=True),
 }
 
@@ -1493,22 +1508,23 @@ def distillation_loss(logits, targets, teacher_logits=None, alpha=0.45, temperat
 LOSS_CHUNK_TOKENS = 4096  # tokens whose fp32 logits (x vocabulary) exist at once in the loss: 0.8 GB at 50K
 
 
-def _chunk_terms(model: GPT, x, targets, teacher: GPT | None, teacher_x, temperature: float):
+def _chunk_terms(model: GPT, x, targets, teacher: Teacher | None, teacher_x, temperature: float):
     """Summed cross-entropy, and summed KL to the teacher (0 without one), of one chunk of tokens."""
     logits = model.logits(x)
     ce = F.cross_entropy(logits, targets, reduction="sum")
     if teacher is None:
         return ce, torch.zeros_like(ce)
     with torch.no_grad():
-        target = F.log_softmax(teacher.logits(teacher_x) / temperature, dim=-1)
+        target = teacher.log_probs(teacher_x, temperature)
     return ce, F.kl_div(F.log_softmax(logits / temperature, dim=-1), target, log_target=True, reduction="sum")
 
 
-def chunked_distillation_loss(model: GPT, x, targets, teacher: GPT | None = None, teacher_x=None, alpha=0.45,
+def chunked_distillation_loss(model: GPT, x, targets, teacher: Teacher | None = None, teacher_x=None, alpha=0.45,
                               temperature=1.2, mtp=None, mtp_weight=0.0, chunk=LOSS_CHUNK_TOKENS):
     """distillation_loss from hidden states (B, T, D): the head, soft-cap, cross-entropy and KL run a
     chunk of tokens at a time, each chunk recomputed in the backward pass (checkpointed), so no
-    [tokens x vocab] fp32 tensor of student or teacher exists whole."""
+    [tokens x vocab] fp32 tensor of student or teacher exists whole. teacher_x: the teacher's
+    features (B, T, ...), teacher.features(), cut into the same chunks of tokens."""
     x, targets = x.flatten(0, 1), targets.flatten()
     teacher_x = teacher_x.flatten(0, 1) if teacher is not None else None
     ce = kl = 0.0
@@ -1523,6 +1539,102 @@ def chunked_distillation_loss(model: GPT, x, targets, teacher: GPT | None = None
     if teacher is None:
         return loss
     return (1 - alpha) * loss + alpha * temperature ** 2 * kl / x.size(0)
+
+
+# =============================================================================================
+# Teachers: what a student learns from, as log-probabilities
+# =============================================================================================
+# Chain distillation and ensemble distillation are one loss (above) with two teachers. A teacher
+# gives features for a batch (B, T, ...) in one no-grad forward, then the log-probabilities of
+# a chunk of those tokens: the loss never holds [tokens x vocab] for more than one chunk.
+
+class SnapshotTeacher:
+    """One frozen model, today's chain teacher (the previous snapshot of the base): log_softmax(z / T)."""
+
+    def __init__(self, model: GPT, forward=None):
+        self.model, self.forward = model, forward if forward is not None else model  # forward: compiled
+        self.forward_passes = 1
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.forward(idx, hidden=True)                          # (B, T, D)
+
+    def log_probs(self, f: torch.Tensor, temperature: float) -> torch.Tensor:
+        return F.log_softmax(self.model.logits(f) / temperature, dim=-1)
+
+
+class EnsembleTeacher:
+    """A prior's K members with their weights: log sum_i w_i softmax(z_i / T), the ensemble q0
+    evaluates, at the distillation temperature. The mixture is accumulated member by member
+    (logaddexp), so a chunk holds two [tokens x vocab] tensors whatever K is."""
+
+    def __init__(self, members: list[SnapshotTeacher], weights: list[float], names: list[str], device):
+        self.members, self.names = members, names
+        self.log_w = [math.log(w) for w in weights]
+        self.forward_passes = len(members)
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.features(idx) for m in self.members], dim=2)  # (B, T, K, D)
+
+    def log_probs(self, f: torch.Tensor, temperature: float) -> torch.Tensor:
+        out = None
+        for i, m in enumerate(self.members):  # f: (n, K, D)
+            lp = m.log_probs(f[:, i], temperature) + self.log_w[i]
+            out = lp if out is None else torch.logaddexp(out, lp)
+        return out
+
+
+Teacher = SnapshotTeacher | EnsembleTeacher
+
+
+def read_prior(path: Path) -> dict:
+    try:
+        prior = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--distil-from {path}: no such prior; fit one with `python fit_prior.py RUN_DIR`")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--distil-from {path} is not a whole prior ({e}); fit it again with fit_prior.py")
+    if not isinstance(prior, dict) or prior.get("format") != "q0-prior":
+        raise UsageError(f"--distil-from {path} is not a q0 prior; fit one with `python fit_prior.py RUN_DIR`")
+    return prior
+
+
+def distil_members(args, data: RunData) -> list[dict]:
+    """The --distil-k budget of the --distil-from prior (0 resolved to its largest), checked against
+    this run's data and the disk: its members of nonzero weight (those a user of the ensemble runs),
+    [{run_dir, record, weight, run}], weights refitted for K, as eval.py scores them."""
+    path = Path(args.distil_from)
+    prior = read_prior(path)
+    if prior.get("tokenizer") != data.tokenizer:
+        raise UsageError(f"--distil-from {path} is a prior of {prior.get('tokenizer')} tokens and this run's data "
+                         f"is {data.tokenizer}; distil on the data its members were trained on (--data-dir)")
+    if prior["fitness"]["sha256"] != tokens_sha256(data.fitness):
+        raise UsageError(f"--distil-from {path} was fitted on another fitness set than this run's (different "
+                         f"--data-dir, --fitness-tokens or --train-tokens); use the flags of the members' run")
+    budgets = {b["K"]: b for b in prior["budgets"]}
+    k = args.distil_k or max(budgets)
+    if k not in budgets:
+        larger = "larger than the prior, whose budgets are" if k > max(budgets) else "not a budget of the prior:"
+        raise UsageError(f"--distil-k {k} is {larger} {sorted(budgets)}; choose one of them, or fit that budget "
+                         f"with `python fit_prior.py RUN_DIR --budgets {k} --out PRIOR`")
+    args.distil_k, out = k, []
+    for ref, w in zip(budgets[k]["members"], budgets[k]["weights_refitted"]):
+        if w <= 0:
+            continue
+        run_dir = (path.parent / ref["run"]).resolve()
+        record_path = run_dir / "snapshots" / f"{ref['id']}.json"
+        if not record_path.is_file():
+            raise UsageError(f"--distil-from {path}: member {ref['id']} of {run_dir} is gone; refit the prior")
+        record = json.loads(record_path.read_text())
+        if record["weights_sha256"] != ref["weights_sha256"]:
+            raise UsageError(f"snapshot {run_dir.name}:{ref['id']} changed since {path} was fitted (weights SHA-256 "
+                             f"differs); refit the prior with fit_prior.py")
+        member_run = load_run(run_dir)
+        if member_run["vocab_size"] != data.vocab_size or member_run["seq_len"] < args.seq_len:
+            raise UsageError(f"member {ref['id']} of {run_dir} has vocabulary {member_run['vocab_size']} and sequence "
+                             f"length {member_run['seq_len']}; the student needs {data.vocab_size} and at most that "
+                             f"--seq-len")
+        out.append({"run_dir": run_dir, "record": record, "weight": w, "run": member_run})
+    return out
 
 
 # =============================================================================================
@@ -1987,7 +2099,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
-def micro_batch_loss(forward, model: GPT, teacher_forward, teacher: GPT | None, rows: torch.Tensor, args,
+def micro_batch_loss(forward, model: GPT, teacher: Teacher | None, rows: torch.Tensor, args,
                      device, seeds: torch.Tensor | None = None) -> torch.Tensor:
     """The loss of one micro-batch (B, T + 1) as training runs it (and the preflight traces it):
     `forward` (DDP and compiled as configured) gives hidden states, the loss makes logits in chunks."""
@@ -1996,7 +2108,7 @@ def micro_batch_loss(forward, model: GPT, teacher_forward, teacher: GPT | None, 
         teacher_x = None
         if teacher is not None:
             with torch.no_grad(), autocast_for(device, cache=False):
-                teacher_x = teacher_forward(rows[:, :-1], hidden=True)
+                teacher_x = teacher.features(rows[:, :-1])
         return chunked_distillation_loss(model, x, rows[:, 1:], teacher, teacher_x, args.distill_alpha,
                                          args.distill_temperature, mtp, args.mtp_weight)
 
@@ -2041,15 +2153,26 @@ def check_finite(loss: torch.Tensor, base: int, cycle: int, step: int):
 
 
 class BaseTrainer:
+    """One base's trajectory: cycles of training, a snapshot at the end of each. The teacher is
+    decided in one place (teacher_for, after_snapshot): the prior's ensemble when one is given
+    (ensemble distillation, every cycle), else the previous snapshot (chain distillation)."""
+
     def __init__(self, args, base: int, layout: Layout, data: RunData, cfg: GPTConfig, cycles: list[Cycle],
-                 run_dir: Path, log: RunLog, device: torch.device):
+                 run_dir: Path, log: RunLog, device: torch.device, distil: list[dict] | None = None):
         self.args, self.base, self.layout, self.data, self.cfg = args, base, layout, data, cfg
         self.cycles, self.run_dir, self.log, self.device = cycles, run_dir, log, device
         self.leader = layout.group_rank == 0
+        self.use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
         self.stream = TrainStream(data.train, data.bos_id, args.seed, base)
         self.checkpoint_path = run_dir / "checkpoints" / f"base{base}.pt"
         torch.manual_seed(_seed(args.seed, base))  # the initialisation depends on the base only
         self.model = GPT(cfg).to(device)
+        if distil and args.distil_init == "best":  # the student starts as the prior's best member
+            best = min(distil, key=lambda m: m["record"]["fitness_loss"])
+            if best["run"]["model"] != dataclasses.asdict(cfg):
+                raise UsageError(f"--distil-init best: member {best['record']['id']} of {best['run_dir']} has another "
+                                 f"architecture than the student; give the members' model flags or --distil-init scratch")
+            self.model.load_state_dict(load_weights(best["run_dir"] / best["record"]["weights"]))
         if args.checkpoint_activations:
             self.model.checkpoint_blocks = True
         self.optimizer = build_optimizer(self.model, args, layout.group)  # Muon sharded over the group
@@ -2058,9 +2181,12 @@ class BaseTrainer:
             from torch.nn.parallel import DistributedDataParallel
             # gradients as views of DDP's buckets: no second fp32 copy of every gradient
             self.ddp = DistributedDataParallel(self.model, process_group=layout.group, gradient_as_bucket_view=True)
-        self.use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
         self.forward = self.compiled(self.ddp if self.ddp is not None else self.model)
-        self.teacher: GPT | None = None  # and self.teacher_forward, its compiled forward
+        self.ensemble = None if not distil else EnsembleTeacher(
+            [SnapshotTeacher(m, self.compiled(m)) for m in
+             (load_snapshot_model(d["run_dir"], d["record"], device).requires_grad_(False) for d in distil)],
+            [d["weight"] for d in distil], [f"{d['run_dir'].name}:{d['record']['id']}" for d in distil], device)
+        self.teacher: SnapshotTeacher | None = None  # the chain teacher, while a cycle needs it
         self.step, self.cycles_done = 0, 0
         self.tracker = PopulationTracker(run_dir)
         self.scoring_seconds: list[float] = []  # per snapshot, for the ETA
@@ -2070,9 +2196,28 @@ class BaseTrainer:
     def compiled(self, module):
         return torch.compile(module) if self.use_compile else module
 
+    # --- the teacher: every decision about it is made here -----------------------------------
     def set_teacher(self, model: GPT | None):
-        self.teacher = model
-        self.teacher_forward = self.compiled(model) if model is not None else None
+        self.teacher = SnapshotTeacher(model, self.compiled(model)) if model is not None else None
+
+    def chain_distills(self, cycle_index: int) -> bool:
+        return 0 < self.args.distill_from_cycle <= cycle_index and cycle_index > 1
+
+    def teacher_for(self, cycle: Cycle) -> Teacher | None:
+        """The prior's ensemble (--distil-from) in every cycle; else, from --distill-from-cycle on, the
+        previous snapshot of this base (kept from its scoring, or read back after a resume)."""
+        if self.ensemble is not None:
+            return self.ensemble
+        if not self.chain_distills(cycle.index):
+            return None
+        if self.teacher is None:
+            self.load_teacher(cycle.index - 1)
+        return self.teacher
+
+    def after_snapshot(self, scorer: SnapshotTeacher, cycle_index: int):
+        """The snapshot just scored teaches the next cycle if chain distillation wants it; else it goes."""
+        keep = self.ensemble is None and self.chain_distills(cycle_index + 1)
+        self.teacher = scorer if keep else None
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self):
@@ -2107,6 +2252,7 @@ class BaseTrainer:
     # --- one optimiser step ------------------------------------------------------------------
     def train_step(self, cycle: Cycle, step_in_cycle: int, distill: bool) -> float:
         args, lay = self.args, self.layout
+        teacher = (self.ensemble or self.teacher) if distill else None
         lr_mult = lr_multiplier(step_in_cycle, cycle.steps, args.lr_floor)
         wd_mult = wd_multiplier(lr_mult, args.lr_floor, args.wd_floor)
         for g in self.optimizer.param_groups:
@@ -2122,8 +2268,7 @@ class BaseTrainer:
                 k * args.device_batch, (k + 1) * args.device_batch)], dtype=torch.int64), self.device)
             sync = nullcontext() if (self.ddp is None or a == accum - 1) else self.ddp.no_sync()
             with sync:  # dropout masks follow the rows (row_dropout), not the micro-batch
-                loss = micro_batch_loss(self.forward, self.model, self.teacher_forward if distill else None,
-                                        self.teacher if distill else None, rows, args, self.device, seeds)
+                loss = micro_batch_loss(self.forward, self.model, teacher, rows, args, self.device, seeds)
                 (loss / accum).backward()
             loss_sum += loss.detach()
         if args.grad_clip > 0:
@@ -2141,11 +2286,12 @@ class BaseTrainer:
         self.log.line(f"[b{self.base}] scoring {sid} on {self.data.fitness.size - 1:,} fitness and "
                       f"{self.data.val.size - 1:,} validation targets")
         t0 = time.perf_counter()
-        self.set_teacher(snap)  # compiled once: it scores now and teaches the next cycle
-        fitness = token_probs(self.teacher_forward, self.data.fitness, args.seq_len, args.eval_batch, self.device,
+        scorer = SnapshotTeacher(snap, self.compiled(snap))  # compiled once: it scores now, may teach next
+        fitness = token_probs(scorer.forward, self.data.fitness, args.seq_len, args.eval_batch, self.device,
                               self.layout.group)
-        val = token_probs(self.teacher_forward, self.data.val, args.seq_len, args.eval_batch, self.device,
+        val = token_probs(scorer.forward, self.data.val, args.seq_len, args.eval_batch, self.device,
                           self.layout.group)
+        self.after_snapshot(scorer, cycle.index)
         self.scoring_seconds.append(time.perf_counter() - t0)
         base_epochs = (cycle.first_pos + cycle.steps * cycle.batch_seqs * args.seq_len) / len(self.stream)
         record = snapshot_record(sid, self.base, cycle.index, self.step, base_epochs, fitness, val, self.data,
@@ -2195,9 +2341,7 @@ class BaseTrainer:
         # points and checkpoints, after a device sync: no per-step sync stalls the queue.
         tokens_done, train_seconds, first_step = 0, 0.0, self.step
         for cycle in self.cycles[self.cycles_done:]:
-            distill = 0 < args.distill_from_cycle <= cycle.index and cycle.index > 1
-            if distill and self.teacher is None:
-                self.load_teacher(cycle.index - 1)
+            distill = self.teacher_for(cycle) is not None
             mark = self.synced_clock()
             for i in range(self.step - cycle.first_step, cycle.steps):
                 loss = self.train_step(cycle, i, distill)
@@ -2232,8 +2376,6 @@ class BaseTrainer:
                 add_snapshot_noise(self.model, noise_scale(cycle.index, len(self.cycles), start, end), gen)
             self.cycles_done = cycle.index
             self.save_checkpoint()
-            if not (0 < args.distill_from_cycle <= cycle.index + 1):
-                self.set_teacher(None)  # no need to hold it until distillation starts
 
 
 # =============================================================================================
@@ -2311,7 +2453,8 @@ def _trace(cfg, args, device_batch, checkpoint, distill, memory, formulas, flops
             tracker.track_external(model, optimizer, *([teacher] if teacher is not None else []))
         with tracker:
             with FlopCounterMode(display=False, custom_mapping=formulas) as fc:
-                micro_batch_loss(model, model, teacher, teacher, idx, args, cpu).backward()
+                micro_batch_loss(model, model, SnapshotTeacher(teacher) if teacher is not None else None, idx, args,
+                                 cpu).backward()
             flops["student"] = fc.get_total_flops() - flops.get("teacher", 0)
             optimizer.step()
         peak = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values()) if memory else None
@@ -2617,6 +2760,11 @@ def train(args, world: int, rank: int, device: torch.device, peers: Peers | None
         if args.import_slowrun and world > 1:
             raise UsageError("--import-slowrun runs in one process; drop torchrun")
         run_dir = Path(args.runs_dir) / args.run_name
+        distil = distil_members(args, data) if args.distil_from else None  # every rank checks and loads them
+        if distil:  # the teacher is part of the population: a resume must find the same members
+            args.distil_teacher = [{"snapshot": f"{d['run_dir']}:{d['record']['id']}",
+                                    "weights_sha256": d["record"]["weights_sha256"], "weight": d["weight"]}
+                                   for d in distil]
         resumed, plan = False, None
         if rank == 0:
             plan = plan_run(args, cfg, cycles, PlanTarget(world, device.type, data.train.size, data.fitness.size,
@@ -2669,8 +2817,12 @@ def train(args, world: int, rank: int, device: torch.device, peers: Peers | None
     try:
         if args.import_slowrun:
             import_slowrun(args, data, cfg, cycles, run_dir, log, device)
+        if distil and rank == 0:
+            log.line(f"teacher: {args.distil_from}, budget K={args.distil_k}: " + ", ".join(
+                f"{d['run_dir'].name}:{d['record']['id']} {d['weight']:.3f}" for d in distil)
+                + f" | {len(distil)} teacher forward passes per training token | student from {args.distil_init}")
         for base in [] if args.import_slowrun else layout.bases:
-            BaseTrainer(args, base, layout, data, cfg, cycles, run_dir, log, device).run()
+            BaseTrainer(args, base, layout, data, cfg, cycles, run_dir, log, device, distil).run()
     except UsageError as e:  # a diverged loss, an unloadable checkpoint: torchrun stops the other ranks
         if layout.group_rank == 0:
             print(f"error: {e}", file=sys.stderr)
