@@ -348,8 +348,9 @@ def markdown(res: dict) -> str:
             rows.append(f"| prior K={b['K']}, {kind} | {b[kind]['forward_passes']} | {b[kind]['loss']:.4f} | "
                         f"{fmt_bpb(b[kind]['bpb'])} |")
     for st in res.get("students", []):
+        n = st["teacher"]["forward_passes"]
         rows.append(f"| student {Path(st['run']).name} ({st['id']}, {st['epochs']:.2f} epochs of its own; teacher "
-                    f"K={st['teacher']['K']}, {st['teacher']['forward_passes']} forward passes) | 1 | {st['loss']:.4f} | "
+                    f"K={st['teacher']['K']}, {n} forward pass{'es' if n != 1 else ''}) | 1 | {st['loss']:.4f} | "
                     f"{fmt_bpb(st['bpb'])} |")
     if rows:
         out += ["| ensemble, or student | forward passes | loss | bpb |", "| --- | ---: | ---: | ---: |", *rows, ""]
