@@ -237,6 +237,24 @@ def epochs_to_reach(curve: list[tuple[float, float]], target: float) -> float | 
     return curve[-1][0] if curve and curve[-1][1] <= target else None
 
 
+def students(a, budget: str) -> dict | None:
+    """The ensemble-distilled students of this budget's q0 runs (records/2026-11-24_distil-cpu's
+    main recipe, st-e{E}-s{S} under <runs>/students), when all seeds have one: validation loss of
+    the last snapshot (1 forward pass) and the epochs spent, the population's plus the student's."""
+    out = {"val": [], "epochs": []}
+    for s in a.seeds:
+        m = a.runs / "students" / f"st-e{budget}-s{s}" / "manifest.json"
+        pop = a.runs / f"q0-e{budget}-s{s}" / "manifest.json"
+        if not (m.is_file() and pop.is_file()):
+            return None
+        recs = json.loads(m.read_text())["snapshots"]
+        last = max(recs, key=lambda r: r["cycle"])
+        out["val"].append(last["val_loss"])
+        out["epochs"].append(train_q0.epochs_spent(json.loads(pop.read_text())["snapshots"])
+                             + train_q0.epochs_spent(recs))
+    return out
+
+
 def report(a, single, baseline, allocations, q0) -> dict:
     rows, budgets = [], [fmt(e) for e in a.budgets]
     for b in budgets:
@@ -253,7 +271,7 @@ def report(a, single, baseline, allocations, q0) -> dict:
             "q0_snapshots": [r["snapshots"] for r in q], "q0_uniform": [r["uniform_val"] for r in q],
             "q0_best_k_on_val": [r["best_k_val"] for r in q], "q0_k_best_on_val": [r["k_best_on_val"] for r in q],
             "q0_epochs_spent": mean([r["epochs"] for r in q]),
-            "baseline_epochs_spent": baseline["budgets"][b]["epochs"],
+            "baseline_epochs_spent": baseline["budgets"][b]["epochs"], "student": students(a, b),
         })
     for r in rows:
         r["margin_over_best_single"] = mean(r["best_single"]) - mean(r["q0_prior"])
@@ -300,13 +318,16 @@ def markdown(s: dict) -> str:
     out = [f"Validation loss in nats per byte on the first 32,768 bytes of the held-out plays (Julius Caesar); "
            f"mean ± half-range over {n} seeds. Lower is better.", "",
            "| epochs | single, own schedule | best single (epochs) | ensemble baseline (members) | "
-           "q0, prior (forward passes) | q0, K = baseline members | q0 margin over best single |",
-           "|---|---|---|---|---|---|---|"]
+           "q0, prior (forward passes) | q0, K = baseline members | q0 margin over best single | "
+           "q0 student, 1 forward pass (epochs incl. its own) |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in s["table"]:
         out.append(f"| {fmt(r['budget'])} | {spread(r['single_own_schedule'])} | {spread(r['best_single'])} "
                    f"({fmt(r['best_single_epochs'])}) | {spread(r['baseline'])} ({r['baseline_members']}) | "
                    f"{spread(r['q0_prior'])} ({'/'.join(map(str, r['q0_prior_forward_passes']))}) | "
-                   f"{spread(r['q0_k_match'])} (K={r['k_match']}) | {round(r['margin_over_best_single'], 4) + 0.0:+.4f} |")
+                   f"{spread(r['q0_k_match'])} (K={r['k_match']}) | {round(r['margin_over_best_single'], 4) + 0.0:+.4f} | "
+                   + (f"{spread(r['student']['val'])} ({mean(r['student']['epochs']):.0f})" if r.get("student") else "-")
+                   + " |")
     out += ["", "Epochs really spent (each cycle is a whole number of steps, and q0's cycles in the "
             "outer quarters use a 0.75x batch, so its budgets are met within 1.1%): " + ", ".join(f"budget {fmt(r['budget'])}: q0 {r['q0_epochs_spent']:.2f}, baseline "
                                 f"{fmt(r['baseline_epochs_spent'])}" for r in s["table"]) + "."]
@@ -351,6 +372,14 @@ def plot(s: dict, path: Path):
             err = [[y - min(r[key]) for y, r in zip(ys, rows)], [max(r[key]) - y for y, r in zip(ys, rows)]]
             ax.errorbar([r["budget"] for r in rows], ys, yerr=err, label=label, color=colour, ls=style,
                         marker="o", ms=3, capsize=2)
+        studs = [r for r in rows if r.get("student")]
+        if studs:  # at the epochs really spent: the population's and the student's own
+            ys = [mean(r["student"]["val"]) for r in studs]
+            ax.errorbar([mean(r["student"]["epochs"]) for r in studs], ys,
+                        yerr=[[y - min(r["student"]["val"]) for y, r in zip(ys, studs)],
+                              [max(r["student"]["val"]) - y for y, r in zip(ys, studs)]],
+                        label="q0 student (1 forward pass), at population + student epochs", color="tab:green",
+                        ls="-.", marker="s", ms=3, capsize=2)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("epoch budget (summed over members)")
         ax.set_ylabel("validation loss (nats/byte)")
