@@ -1038,8 +1038,11 @@ def row_dropout(x: torch.Tensor, p: float, training: bool, seeds: torch.Tensor |
     if seeds is None:
         return F.dropout(x, p, True)
     B = x.size(0)
+    # (B, n) keys: the row's mixed seed + site * 2^32 + element, so rows' counters lie 2^64-randomly
+    # apart. No constant multiplies the element index: inductor's index arithmetic (exact
+    # integers) never leaves int64.
     counter = site * (1 << 32) + torch.arange(x[0].numel(), device=x.device, dtype=torch.int64)  # (n,)
-    key = seeds.view(B, 1) + counter * -7046029254386353131          # (B, n): splitmix64's stream, 0x9e3779b97f4a7c15
+    key = _splitmix(seeds.view(B, 1)) + counter
     u = ((_splitmix(key) >> 40) & 0xFFFFFF).to(torch.float32) * 2.0 ** -24   # 24 uniform bits, [0, 1)
     keep = (u >= p).view(x.shape)
     return x * keep.to(x.dtype) * (1.0 / (1.0 - p))

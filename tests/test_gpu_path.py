@@ -312,3 +312,20 @@ def test_dry_run_prints_the_plan_and_a_run_that_cannot_fit_is_refused(small_data
     plan = {"disk_gib": 1e9, "snapshots": 480, "snapshot_gib": 3.39}
     with pytest.raises(q0.UsageError, match=r"needs 1000000000.0 GiB more for 480 snapshots .* GiB free"):
         q0.check_disk(plan, tmp_path / "runs" / "new")
+
+
+def test_row_dropout_masks_follow_the_row_and_compile_with_inductor():
+    """A row's mask depends on its seed and site only (not on its neighbours in the micro-batch),
+    keeps 1-p of the elements, is independent across rows and sites, and inductor's code gives the
+    eager masks bit for bit (its index arithmetic once overflowed on a multiplied element index)."""
+    x, seeds = torch.ones(4, 64, 128), torch.tensor([1, 2, 3, 4])
+    y = q0.row_dropout(x, 0.25, True, seeds, 3)
+    assert torch.equal(q0.row_dropout(x[1:3], 0.25, True, seeds[1:3], 3), y[1:3])
+    dropped = (y == 0).float()
+    assert abs(dropped.mean().item() - 0.25) < 0.01 and torch.allclose(y[y != 0], torch.tensor(1 / 0.75))
+    other_site = (q0.row_dropout(x, 0.25, True, seeds, 4) == 0).float()
+    for a, b in ((dropped[0], dropped[1]), (dropped[0].flatten()[1:], dropped[1].flatten()[:-1]), (dropped, other_site)):
+        assert abs((a * b).mean().item() - 0.25 ** 2) < 0.01  # independent: P(both dropped) = p^2
+    assert torch.equal(q0.row_dropout(x, 0.25, False, seeds, 3), x)
+    compiled = torch.compile(lambda t, s: q0.row_dropout(t, 0.25, True, s, 3))
+    assert torch.equal(compiled(x, seeds), y)
