@@ -85,7 +85,7 @@ def loss_once(chunked: bool, model, teacher, x, y, tx):
     t0 = time.perf_counter()
     with tracker:
         if chunked:
-            loss = q0.chunked_distillation_loss(model, h, y, teacher, tx, 0.45, 1.2)
+            loss = q0.chunked_distillation_loss(model, h, y, q0.SnapshotTeacher(teacher), tx, 0.45, 1.2)
         else:
             loss = q0.distillation_loss(model.logits(h), y, teacher.logits(tx), 0.45, 1.2)
         loss.backward()

@@ -49,7 +49,7 @@ def test_the_loss_with_one_member_is_chain_distillation():
     for teacher in (q0.SnapshotTeacher(member), q0.EnsembleTeacher([q0.SnapshotTeacher(member)], [1.0], ["m"], "cpu")):
         with torch.no_grad():
             tx = teacher.features(idx[:, :-1])
-        losses.append(q0.chunked_distillation_loss(student, x, idx[:, 1:], teacher, tx, 0.5, 1.3, chunk=5).item())
+        losses.append(q0.chunked_distillation_loss(student, x, idx[:, 1:], teacher, tx, 0.5, 1.3, chunk=5).item())  # noqa: E501
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
