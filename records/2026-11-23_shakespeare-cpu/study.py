@@ -98,7 +98,7 @@ def fmt(x: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def stage_single(a) -> dict:
-    points = sorted(set(a.budgets) | set(SINGLE_EXTRA))
+    points = sorted(e for e in set(a.budgets) | set(SINGLE_EXTRA) if e <= a.single_max)
     jobs = [(f"single-e{fmt(e)}-s{s}", single_flags(e, s)) for e in reversed(points) for s in a.seeds]
     train_all(a.runs, jobs, a.workers)  # longest first, so the workers finish together
     out = {}
@@ -240,7 +240,8 @@ def epochs_to_reach(curve: list[tuple[float, float]], target: float) -> float | 
 def students(a, budget: str) -> dict | None:
     """The ensemble-distilled students of this budget's q0 runs (records/2026-11-24_distil-cpu's
     main recipe, st-e{E}-s{S} under <runs>/students), when all seeds have one: validation loss of
-    the last snapshot (1 forward pass) and the epochs spent, the population's plus the student's."""
+    the student's snapshot with the lowest fitness loss (1 forward pass) and the epochs spent, the
+    population's plus the student's up to that snapshot."""
     out = {"val": [], "epochs": []}
     for s in a.seeds:
         m = a.runs / "students" / f"st-e{budget}-s{s}" / "manifest.json"
@@ -248,10 +249,9 @@ def students(a, budget: str) -> dict | None:
         if not (m.is_file() and pop.is_file()):
             return None
         recs = json.loads(m.read_text())["snapshots"]
-        last = max(recs, key=lambda r: r["cycle"])
-        out["val"].append(last["val_loss"])
-        out["epochs"].append(train_q0.epochs_spent(json.loads(pop.read_text())["snapshots"])
-                             + train_q0.epochs_spent(recs))
+        pick = min(recs, key=lambda r: r["fitness_loss"])
+        out["val"].append(pick["val_loss"])
+        out["epochs"].append(train_q0.epochs_spent(json.loads(pop.read_text())["snapshots"]) + pick["base_epochs"])
     return out
 
 
@@ -263,7 +263,7 @@ def report(a, single, baseline, allocations, q0) -> dict:
         best = min(below, key=lambda p: mean(p["fitness"]))  # picked on fitness, as a user would
         q = q0[b]
         rows.append({
-            "budget": e, "single_own_schedule": single[b]["val"], "best_single": best["val"],
+            "budget": e, "single_own_schedule": single[b]["val"] if b in single else None, "best_single": best["val"],
             "best_single_epochs": best["epochs"], "baseline": baseline["budgets"][b]["val"],
             "baseline_members": baseline["budgets"][b]["members"],
             "q0_prior": [r["prior_val"] for r in q], "q0_prior_forward_passes": [r["prior_nonzero"] for r in q],
@@ -322,7 +322,8 @@ def markdown(s: dict) -> str:
            "q0 student, 1 forward pass (epochs incl. its own) |",
            "|---|---|---|---|---|---|---|---|"]
     for r in s["table"]:
-        out.append(f"| {fmt(r['budget'])} | {spread(r['single_own_schedule'])} | {spread(r['best_single'])} "
+        own = spread(r["single_own_schedule"]) if r["single_own_schedule"] else "not run"
+        out.append(f"| {fmt(r['budget'])} | {own} | {spread(r['best_single'])} "
                    f"({fmt(r['best_single_epochs'])}) | {spread(r['baseline'])} ({r['baseline_members']}) | "
                    f"{spread(r['q0_prior'])} ({'/'.join(map(str, r['q0_prior_forward_passes']))}) | "
                    f"{spread(r['q0_k_match'])} (K={r['k_match']}) | {round(r['margin_over_best_single'], 4) + 0.0:+.4f} | "
@@ -368,9 +369,10 @@ def plot(s: dict, path: Path):
     for ax, first in zip(axes, (1, 8)):  # all budgets; then a zoom on where the methods part
         rows = [r for r in s["table"] if r["budget"] >= first]
         for key, label, colour, style in series:
-            ys = [mean(r[key]) for r in rows]
-            err = [[y - min(r[key]) for y, r in zip(ys, rows)], [max(r[key]) - y for y, r in zip(ys, rows)]]
-            ax.errorbar([r["budget"] for r in rows], ys, yerr=err, label=label, color=colour, ls=style,
+            have = [r for r in rows if r[key]]
+            ys = [mean(r[key]) for r in have]
+            err = [[y - min(r[key]) for y, r in zip(ys, have)], [max(r[key]) - y for y, r in zip(ys, have)]]
+            ax.errorbar([r["budget"] for r in have], ys, yerr=err, label=label, color=colour, ls=style,
                         marker="o", ms=3, capsize=2)
         studs = [r for r in rows if r.get("student")]
         if studs:  # at the epochs really spent: the population's and the student's own
@@ -402,6 +404,8 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="training runs side by side (one thread each)")
     ap.add_argument("--stage", choices=["single", "allocations", "baseline", "q0", "report"], default="report",
                     help="run the stages up to and including this one")
+    ap.add_argument("--single-max", type=float, default=math.inf,
+                    help="train the single model only up to this many epochs (longer ones overfit; not reported)")
     ap.add_argument("--no-allocations", action="store_true",
                     help="skip the allocation search (the --epochs recipe is already chosen)")
     ap.add_argument("--out-dir", type=Path, default=HERE, help="where study.json/.md/.png and the record's logs go")
