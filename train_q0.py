@@ -2185,9 +2185,11 @@ class BaseTrainer:
             # gradients as views of DDP's buckets: no second fp32 copy of every gradient
             self.ddp = DistributedDataParallel(self.model, process_group=layout.group, gradient_as_bucket_view=True)
         self.forward = self.compiled(self.ddp if self.ddp is not None else self.model)
+        member_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # K members: half the memory
         self.ensemble = None if not distil else EnsembleTeacher(
             [SnapshotTeacher(m, self.compiled(m)) for m in
-             (load_snapshot_model(d["run_dir"], d["record"], device).requires_grad_(False) for d in distil)],
+             (load_snapshot_model(d["run_dir"], d["record"], device).to(member_dtype).requires_grad_(False)
+              for d in distil)],
             [d["weight"] for d in distil], [f"{d['run_dir'].name}:{d['record']['id']}" for d in distil], device)
         self.teacher: SnapshotTeacher | None = None  # the chain teacher, while a cycle needs it
         self.step, self.cycles_done = 0, 0
@@ -2483,7 +2485,8 @@ class PlanTarget:
 def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget, traces=None) -> dict:
     """The plan; memory is traced for CUDA targets and --dry-run (a CPU run's tests skip its cost).
     `traces`: (distilling step, plain step) from trace_step, to reuse them for several layouts."""
-    distills = 0 < args.distill_from_cycle <= args.cycles and args.cycles > 1
+    distills = bool(args.distil_from) or (0 < args.distill_from_cycle <= args.cycles and args.cycles > 1)
+    teachers = (args.distil_k or 1) if args.distil_from else 1  # an ensemble: at most K members' forwards
     memory = target.device == "cuda" or args.dry_run
     if traces is not None:
         step, plain = traces if distills else (traces[1], traces[1])
@@ -2498,11 +2501,12 @@ def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget, trac
     fwd = step["teacher_flops_per_token"] or plain["student_flops_per_token"] / 3  # a forward is ~1/3 of fwd+bwd
 
     def step_seconds(c: Cycle, distill: bool) -> float:
-        per_token = plain["student_flops_per_token"] + (step["teacher_flops_per_token"] if distill else 0.0)
+        per_token = plain["student_flops_per_token"] + (teachers * step["teacher_flops_per_token"] if distill else 0.0)
         return (c.batch_seqs * cfg.seq_len * per_token / group_size + muon) / rate
 
     eval_seconds = (target.fitness_tokens + target.val_tokens) * fwd / group_size / rate
-    base_seconds = sum(c.steps * step_seconds(c, 0 < args.distill_from_cycle <= c.index and c.index > 1)
+    base_seconds = sum(c.steps * step_seconds(c, bool(args.distil_from) or 0 < args.distill_from_cycle <= c.index
+                                              and c.index > 1)
                        + eval_seconds for c in cycles)
     epoch_seconds = (target.train_tokens * plain["student_flops_per_token"] / group_size
                      + target.train_tokens / (args.batch_seqs * cfg.seq_len) * muon) / rate
@@ -2516,7 +2520,9 @@ def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget, trac
         "optimizer_flops_per_step": plain["optimizer_flops"],
         "step_tokens": args.batch_seqs * cfg.seq_len,
         "peak_gib": plain["peak_bytes"] / GIB if memory else None,
-        "peak_gib_distilling": step["peak_bytes"] / GIB if distills and memory else None,
+        # the trace holds one teacher; an ensemble's other members add their weights (bf16 on CUDA)
+        "peak_gib_distilling": (step["peak_bytes"] + (teachers - 1) * weight_bytes) / GIB if distills and memory
+        else None, "teachers": teachers,
         "snapshot_gib": (weight_bytes + cache_bytes) / GIB, "snapshots": snapshots,
         "disk_gib": (snapshots * (weight_bytes + cache_bytes) + (args.bases + groups) * checkpoint_bytes) / GIB,
         "hours_per_epoch": epoch_seconds / 3600,
@@ -2545,7 +2551,8 @@ def plan_lines(plan: dict, args) -> list[str]:
         f"plan: FLOPs per token: student {plan['student_flops_per_token']:.3e} (forward + backward), teacher "
         f"{plan['teacher_flops_per_token']:.3e} (forward) | per step of {plan['step_tokens']:,} tokens: student "
         f"{plan['step_tokens'] * plan['student_flops_per_token']:.3e}, teacher "
-        f"{plan['step_tokens'] * plan['teacher_flops_per_token']:.3e} (distilling), Muon "
+        f"{plan['step_tokens'] * plan['teacher_flops_per_token'] * plan['teachers']:.3e} (distilling"
+        + (f": {plan['teachers']} ensemble members at most" if plan["teachers"] > 1 else "") + "), Muon "
         f"{plan['optimizer_flops_per_step']:.3e} ({plan['optimizer_flops_per_step'] / plan['group_size']:.3e} on "
         f"each of {plan['group_size']} process(es): sharded)",
         f"plan: peak memory per process at --device-batch {args.device_batch}"
