@@ -10,9 +10,9 @@ teacher in every cycle is the prior's budget-K ensemble. Its number is the valid
 snapshot with the lowest fitness loss (chosen on the held-out fitness play, as the single model's
 E* is; never on validation); the last snapshot's is reported too.
 
-Variants (flags on top of the main recipe `--distil-k 8 --epochs 16`):
+Variants (flags on top of the main recipe `--distil-k 8 --epochs 16 --distill-alpha 0.8`):
   main       every budget and seed
-  the rest   the 64-epoch population, seed 0 (init, alpha, temperature, K, student length)
+  the rest   the 64-epoch population, seed 0 (alpha, init, temperature, K, more text)
 Students already trained are reused; a cut-off one resumes. Results: distil.json and distil.md
 beside this file.
 """
@@ -29,17 +29,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PY = sys.executable
-MAIN = ["--distil-k", "8", "--epochs", "16"]
-ABLATIONS = {  # name -> flags replacing or adding to MAIN (64-epoch population, seed 0)
-    "init-best": ["--distil-init", "best"],
-    "alpha-0.8": ["--distill-alpha", "0.8"],
-    "T-1.0": ["--distill-temperature", "1.0"],
-    "K-4": ["--distil-k", "4"],
+MAIN = ["--distil-k", "8", "--epochs", "16", "--distill-alpha", "0.8"]
+ABLATIONS = {  # name -> (population, seed, flags replacing or adding to MAIN's), most telling first
+    "alpha-0.45": ("q0-e64-s0", 0, ["--distill-alpha", "0.45"]),  # chain distillation's alpha
+    "alpha-1.0": ("q0-e64-s0", 0, ["--distill-alpha", "1.0"]),    # the teacher alone, no ground truth
+    "alpha-0.45-init-best": ("q0-e64-s0", 0, ["--distill-alpha", "0.45", "--distil-init", "best"]),
+    "T-1.0": ("q0-e64-s0", 0, ["--distill-temperature", "1.0"]),
+    "K-4": ("q0-e64-s0", 0, ["--distil-k", "4"]),
     # an upper bound for "more text": 3x the training tokens, real text the population never saw,
     # labelled by the teacher (the data-limited setting has no such text; sampling it is the
     # honest version)
-    "more-text-3x": ["--train-tokens", "98304"],
+    "more-text-3x": ("q0-e64-s0", 0, ["--train-tokens", "98304"]),
 }
+EXTRA = {"st-e64-s1-alpha-0.45": ("q0-e64-s1", 1, ["--distill-alpha", "0.45"])}  # the alpha-0.45 row's seed 1
 
 
 def merged(flags: list[str]) -> list[str]:
@@ -102,7 +104,8 @@ def main():
     if a.only in ("main", "all"):
         jobs += [(f"st-e{b}-s{s}", f"q0-e{b}-s{s}", s, []) for b in a.budgets for s in a.seeds]
     if a.only in ("ablations", "all"):
-        jobs += [(f"st-e64-s0-{name}", "q0-e64-s0", 0, flags) for name, flags in ABLATIONS.items()]
+        jobs += [(f"st-e64-s{seed}-{name}", pop, seed, flags) for name, (pop, seed, flags) in ABLATIONS.items()]
+        jobs += [(name, pop, seed, flags) for name, (pop, seed, flags) in EXTRA.items()]
     for _, pop, _, _ in jobs:
         if not (a.runs_dir / pop / "prior.json").is_file():
             raise SystemExit(f"error: {a.runs_dir / pop} has no prior.json; run the q0 study and fit_prior.py first")
