@@ -12,7 +12,7 @@ E* is; never on validation); the last snapshot's is reported too.
 
 Variants (flags on top of the main recipe `--distil-k 8 --epochs 16 --distill-alpha 0.8`):
   main       every budget and seed
-  the rest   the 64-epoch population, seed 0 (alpha, init, temperature, K, more text)
+  the rest   the 64-epoch population, seed 0 (alpha, init, temperature, K)
 Students already trained are reused; a cut-off one resumes. Results: distil.json and distil.md
 beside this file.
 """
@@ -36,10 +36,6 @@ ABLATIONS = {  # name -> (population, seed, flags replacing or adding to MAIN's)
     "alpha-0.45-init-best": ("q0-e64-s0", 0, ["--distill-alpha", "0.45", "--distil-init", "best"]),
     "T-1.0": ("q0-e64-s0", 0, ["--distill-temperature", "1.0"]),
     "K-4": ("q0-e64-s0", 0, ["--distil-k", "4"]),
-    # an upper bound for "more text": 3x the training tokens, real text the population never saw,
-    # labelled by the teacher (the data-limited setting has no such text; sampling it is the
-    # honest version)
-    "more-text-3x": ("q0-e64-s0", 0, ["--train-tokens", "98304"]),
 }
 EXTRA = {"st-e64-s1-alpha-0.45": ("q0-e64-s1", 1, ["--distill-alpha", "0.45"])}  # the alpha-0.45 row's seed 1
 
