@@ -72,8 +72,8 @@ def result(runs: Path, population: str, student: Path) -> dict:
     last = max(recs, key=lambda r: r["cycle"])
     pick = min(recs, key=lambda r: r["fitness_loss"])
     pop_recs = json.loads((runs / population / "manifest.json").read_text())["snapshots"]
-    log = (student / "log.txt").read_text().splitlines()
-    rates = [float(line.split(" tok/s")[0].rsplit("| ", 1)[1].replace(",", "")) for line in log if " tok/s" in line]
+    events = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rates = [e["tokens_per_s"] for e in events if e.get("event") == "step"]
     return {"student": student.name, "population": population, "flags": {k: cfg[k] for k in (
                 "distil_k", "distil_init", "distill_alpha", "distill_temperature", "epochs")},
             "teacher_forward_passes": len(cfg["distil_teacher"]),
@@ -88,13 +88,78 @@ def result(runs: Path, population: str, student: Path) -> dict:
             "student_tokens_per_s": sum(rates) / len(rates) if rates else None}
 
 
+def best_single(runs: Path, seeds: list[int], budget: float) -> dict | None:
+    """The study's best single model within the budget: E* picked on the mean fitness loss over
+    seeds (as study.py does), its validation loss per seed; None until those runs exist."""
+    points = {}
+    for m in runs.glob("single-e*-s*/manifest.json"):
+        e, seed = m.parent.name[len("single-e"):].rsplit("-s", 1)
+        if float(e) <= budget and int(seed) in seeds:
+            points.setdefault(float(e), {})[int(seed)] = json.loads(m.read_text())["snapshots"][0]
+    points = {e: p for e, p in points.items() if len(p) == len(seeds)}
+    if not points:
+        return None
+    e = min(points, key=lambda e: sum(r["fitness_loss"] for r in points[e].values()))
+    return {"epochs": e, "val": [points[e][s]["val_loss"] for s in seeds]}
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def spread(xs) -> str:
+    return f"{mean(xs):.4f}" + (f" ± {(max(xs) - min(xs)) / 2:.4f}" if len(xs) > 1 else "")
+
+
+def markdown(runs: Path, rows: list[dict], budgets: list[int], seeds: list[int]) -> str:
+    main_rows = {(r["population"], r["student"]) for r in rows}
+    out = ["Validation loss in nats per byte (the cpu preset's 32,768 validation bytes), mean ± half-range over "
+           f"seeds {', '.join(map(str, seeds))}. fp = forward passes per token at inference. Gain kept = (best single "
+           "- student) / (best single - ensemble).", "",
+           "| budget | best single model (E*) | q0 ensemble, full prior (fp) | teacher: prior K=8 (fp) | student, 1 fp "
+           "| student's own epochs | epochs on the axis | gain kept of q0's | gain kept of the teacher's |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for b in budgets:
+        mine = [r for s in seeds for r in rows if r["student"] == f"st-e{b}-s{s}"]
+        if len(mine) != len(seeds):
+            continue
+        single = best_single(runs, seeds, b)
+        st, q0, te = ([r[k] for r in mine] for k in ("student_val", "q0_val", "teacher_val"))
+        if single:
+            ref = mean(single["val"])
+            kept = f"{(ref - mean(st)) / (ref - mean(q0)):.0%}"
+            kept_t = f"{(ref - mean(st)) / (ref - mean(te)):.0%}"
+            single_txt = f"{spread(single['val'])} ({single['epochs']:g})"
+        else:
+            kept = kept_t = single_txt = "not run"
+        fps = "/".join(str(r["q0_forward_passes"]) for r in mine)
+        tfp = "/".join(str(r["teacher_forward_passes"]) for r in mine)
+        axis = mean([r["population_epochs"] + r["student_epochs"] for r in mine])
+        out.append(f"| {b} | {single_txt} | {spread(q0)} ({fps}) | {spread(te)} ({tfp}) | {spread(st)} | "
+                   f"{mean([r['student_epochs'] for r in mine]):.1f} | {axis:.1f} | {kept} | {kept_t} |")
+    out += ["", "Ablations (the 64-epoch population, seed 0 unless named; one change against the main recipe "
+            "`--distil-k 8 --epochs 16 --distill-alpha 0.8`; student picked on fitness, last snapshot beside it):", "",
+            "| student | K | init | alpha | T | teacher fp | student (epochs) | last snapshot (epochs) | student tok/s |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["flags"]
+        rate = f"{r['student_tokens_per_s']:,.0f}" if r["student_tokens_per_s"] else "-"
+        out.append(f"| {r['student']} | {f['distil_k']} | {f['distil_init']} | {f['distill_alpha']:g} | "
+                   f"{f['distill_temperature']:g} | {r['teacher_forward_passes']} | {r['student_val']:.4f} "
+                   f"({r['student_epochs']:.1f}) | {r['student_last_val']:.4f} ({r['student_last_epochs']:.1f}) | "
+                   f"{rate} |")
+    del main_rows
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "study")
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 32, 16])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--only", choices=["main", "ablations", "all"], default="all")
+    ap.add_argument("--only", choices=["main", "ablations", "all", "report"], default="all",
+                    help="report: no training, the tables from the students already trained")
     a = ap.parse_args()
     jobs = []
     if a.only in ("main", "all"):
@@ -102,6 +167,9 @@ def main():
     if a.only in ("ablations", "all"):
         jobs += [(f"st-e64-s{seed}-{name}", pop, seed, flags) for name, (pop, seed, flags) in ABLATIONS.items()]
         jobs += [(name, pop, seed, flags) for name, (pop, seed, flags) in EXTRA.items()]
+    if a.only == "report":
+        jobs = [(d.name, d.name.split("-")[0] == "st" and "q0-" + "-".join(d.name.split("-")[1:3]), 0, [])
+                for d in sorted((a.runs_dir / "students").iterdir()) if (d / "manifest.json").is_file()]
     for _, pop, _, _ in jobs:
         if not (a.runs_dir / pop / "prior.json").is_file():
             raise SystemExit(f"error: {a.runs_dir / pop} has no prior.json; run the q0 study and fit_prior.py first")
@@ -109,7 +177,9 @@ def main():
         runs = list(pool.map(lambda j: train_student(a.runs_dir, j[0], j[1], j[2], j[3]), jobs))
     rows = [result(a.runs_dir, j[1], r) for j, r in zip(jobs, runs) if (a.runs_dir / j[1] / "eval.json").is_file()]
     (HERE / "distil.json").write_text(json.dumps(rows, indent=1) + "\n")
-    print(json.dumps(rows, indent=1))
+    md = markdown(a.runs_dir, rows, a.budgets, a.seeds)
+    (HERE / "distil.md").write_text(md + "\n")
+    print(md)
 
 
 if __name__ == "__main__":
