@@ -1,10 +1,12 @@
-"""Training throughput with and without chain distillation, measured side by side.
+"""Training throughput without a teacher, with chain distillation and with an ensemble teacher,
+measured side by side.
 
-    python data/shakespeare.py --tokenizer bytes && python benchmarks/bench_distill.py --preset tiny
+    python data/shakespeare.py --tokenizer bytes && python benchmarks/bench_distill.py --preset cpu --ensemble 8
 
-Runs the trainer's own step (BaseTrainer.train_step) on one model, alternating plain steps and
-distillation steps (teacher = a frozen snapshot of the model), so both see the same machine load.
-Prints tokens/s of each and their ratio: the cost of the teacher's forward pass.
+Runs the trainer's own step (BaseTrainer.train_step) on one model, alternating plain steps,
+chain-distillation steps (teacher: a frozen snapshot of the model) and, with --ensemble K,
+ensemble-distillation steps (K frozen snapshots, uniform weights: what --distil-from runs), so all
+see the same machine load. Prints tokens/s of each and the ratios: the teachers' cost.
 """
 import argparse
 import sys
@@ -23,6 +25,7 @@ def main():
     parser.add_argument("--preset", default="tiny", choices=sorted(q0.PRESETS))
     parser.add_argument("--steps", type=int, default=40, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--ensemble", type=int, default=0, help="also time an ensemble teacher of K members")
     opts, rest = parser.parse_known_args()
     args = q0.parse_args(["--preset", opts.preset, *rest])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -33,22 +36,26 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         log = q0.RunLog(Path(tmp), enabled=False)
         trainer = q0.BaseTrainer(args, 0, layout, data, cfg, cycles, Path(tmp), log, device)
-        trainer.set_teacher(q0.model_from_state(cfg, q0.snapshot_state(trainer.model, device), device))
+        snapshot = q0.snapshot_state(trainer.model, device)
+        trainer.set_teacher(q0.model_from_state(cfg, snapshot, device))
+        ensemble = q0.EnsembleTeacher([q0.SnapshotTeacher(q0.model_from_state(cfg, snapshot, device))
+                                       for _ in range(opts.ensemble)], [1 / max(opts.ensemble, 1)] * opts.ensemble,
+                                      [f"m{i}" for i in range(opts.ensemble)], device)
+        kinds = ["plain", "chain"] + ([f"ensemble K={opts.ensemble}"] if opts.ensemble else [])
         cycle = cycles[0]
-        seconds = {False: 0.0, True: 0.0}
+        seconds = {k: 0.0 for k in kinds}
         for i in range(opts.warmup + opts.steps):
-            for distill in (False, True):
+            for kind in kinds:
+                trainer.ensemble = ensemble if kind.startswith("ensemble") else None
                 t0 = time.perf_counter()
-                trainer.train_step(cycle, i % cycle.steps, distill).item()
+                trainer.train_step(cycle, i % cycle.steps, kind != "plain").item()
                 if i >= opts.warmup:
-                    seconds[distill] += time.perf_counter() - t0
+                    seconds[kind] += time.perf_counter() - t0
     tokens = opts.steps * cycle.batch_seqs * args.seq_len
-    plain, distilled = tokens / seconds[False], tokens / seconds[True]
     print(f"preset {opts.preset} on {device.type}, {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
           f"{cycle.batch_seqs} x {args.seq_len} tokens a step, {opts.steps} steps of each, interleaved")
-    print(f"without distillation: {plain:,.0f} tokens/s")
-    print(f"with distillation:    {distilled:,.0f} tokens/s")
-    print(f"ratio (with / without): {distilled / plain:.3f}")
+    for kind in kinds:
+        print(f"{kind:>14}: {tokens / seconds[kind]:,.0f} tokens/s | {seconds['plain'] / seconds[kind]:.3f} x plain")
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ def best_single_epochs(single: dict) -> float:
 
 def stage_baseline(a, single: dict) -> dict:
     e_star = best_single_epochs(single)
-    groups = [[BASELINE_SEED0 + g * 1000 + m for m in range(int(max(a.budgets) // e_star))] for g in range(len(a.seeds))]
+    n_groups = a.baseline_groups or len(a.seeds)
+    groups = [[BASELINE_SEED0 + g * 1000 + m for m in range(int(max(a.budgets) // e_star))] for g in range(n_groups)]
     jobs = [(f"member-e{fmt(e_star)}-s{s}", single_flags(e_star, s)) for grp in groups for s in grp]
     train_all(a.runs, jobs, a.workers)
     out = {"member_epochs": e_star, "budgets": {}}
@@ -406,6 +407,8 @@ def main():
                     help="run the stages up to and including this one")
     ap.add_argument("--single-max", type=float, default=math.inf,
                     help="train the single model only up to this many epochs (longer ones overfit; not reported)")
+    ap.add_argument("--baseline-groups", type=int, default=0,
+                    help="independent ensembles of the baseline (default: one per seed)")
     ap.add_argument("--no-allocations", action="store_true",
                     help="skip the allocation search (the --epochs recipe is already chosen)")
     ap.add_argument("--out-dir", type=Path, default=HERE, help="where study.json/.md/.png and the record's logs go")
