@@ -118,7 +118,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="timed training steps of each kind")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     ap.add_argument("--rounds", type=int, default=3, help="timed Muon steps and losses of each kind")
-    ap.add_argument("--loss-tokens", type=int, default=16384)
+    ap.add_argument("--loss-tokens", type=int, default=8192,
+                    help="tokens of the loss comparison (16384: the whole logits need over 20 GB of host memory)")
     ap.add_argument("--presets", default="tiny,cpu")
     opts = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
