@@ -137,17 +137,17 @@ def markdown(runs: Path, rows: list[dict], budgets: list[int], seeds: list[int])
         axis = mean([r["population_epochs"] + r["student_epochs"] for r in mine])
         out.append(f"| {b} | {single_txt} | {spread(q0)} ({fps}) | {spread(te)} ({tfp}) | {spread(st)} | "
                    f"{mean([r['student_epochs'] for r in mine]):.1f} | {axis:.1f} | {kept} | {kept_t} |")
-    out += ["", "Ablations (the 64-epoch population, seed 0 unless named; one change against the main recipe "
-            "`--distil-k 8 --epochs 16 --distill-alpha 0.8`; student picked on fitness, last snapshot beside it):", "",
-            "| student | K | init | alpha | T | teacher fp | student (epochs) | last snapshot (epochs) | student tok/s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    out += ["", "Every student: the main recipe `--distil-k 8 --epochs 16 --distill-alpha 0.8` (st-eE-sS) and "
+            "the ablations on the 64-epoch populations, each one change against it (the student picked on "
+            "fitness, and its last snapshot):", "",
+            "| student | population | K | init | alpha | T | teacher fp | teacher (K) loss | student (epochs) | "
+            "last snapshot (epochs) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["flags"]
-        rate = f"{r['student_tokens_per_s']:,.0f}" if r["student_tokens_per_s"] else "-"
-        out.append(f"| {r['student']} | {f['distil_k']} | {f['distil_init']} | {f['distill_alpha']:g} | "
-                   f"{f['distill_temperature']:g} | {r['teacher_forward_passes']} | {r['student_val']:.4f} "
-                   f"({r['student_epochs']:.1f}) | {r['student_last_val']:.4f} ({r['student_last_epochs']:.1f}) | "
-                   f"{rate} |")
+        out.append(f"| {r['student']} | {r['population']} | {f['distil_k']} | {f['distil_init']} | "
+                   f"{f['distill_alpha']:g} | {f['distill_temperature']:g} | {r['teacher_forward_passes']} | "
+                   f"{r['teacher_val']:.4f} | {r['student_val']:.4f} ({r['student_epochs']:.1f}) | "
+                   f"{r['student_last_val']:.4f} ({r['student_last_epochs']:.1f}) |")
     del main_rows
     return "\n".join(out)
 
