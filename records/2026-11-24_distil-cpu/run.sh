@@ -6,9 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 python data/shakespeare.py --tokenizer bytes
 # the populations, their priors and evaluations (and the single model and baseline the table needs)
-python records/2026-11-23_shakespeare-cpu/study.py --runs-dir runs/study --no-allocations --stage report \
+python records/2026-11-23_shakespeare-cpu/study.py --runs-dir runs/study --no-allocations --single-max 16 \
+  --baseline-groups 1 --stage report \
   --out-dir records/2026-11-24_record-model-cpu/study
 # the students, then the study's tables again with the student column
 python records/2026-11-24_distil-cpu/distil_study.py --runs-dir runs/study
-python records/2026-11-23_shakespeare-cpu/study.py --runs-dir runs/study --no-allocations --stage report \
+python records/2026-11-23_shakespeare-cpu/study.py --runs-dir runs/study --no-allocations --single-max 16 \
+  --baseline-groups 1 --stage report \
   --out-dir records/2026-11-24_record-model-cpu/study
