@@ -112,7 +112,7 @@ def split_students(members):
     """Students (runs trained with --distil-from) apart from the population: they join no ensemble,
     no prior and no curve, and are scored alone, beside the ensembles. Runs of students only are a
     population of their own."""
-    students = [m for m in members if m.run["population_config"].get("distil_from")]
+    students = [m for m in members if m.run.get("population_config", {}).get("distil_from")]
     if len(students) == len(members):
         return members, []
     return [m for m in members if m not in students], students
