@@ -411,7 +411,9 @@ def main():
                     help="independent ensembles of the baseline (default: one per seed)")
     ap.add_argument("--no-allocations", action="store_true",
                     help="skip the allocation search (the --epochs recipe is already chosen)")
-    ap.add_argument("--out-dir", type=Path, default=HERE, help="where study.json/.md/.png and the record's logs go")
+    ap.add_argument("--out-dir", type=Path, default=HERE.parent / "2026-11-24_record-model-cpu" / "study",
+                    help="where study.json/.md/.png and the record's logs go (the 2026-11-23 files beside this "
+                         "script are the previous model's and are not rewritten)")
     a = ap.parse_args()
     a.runs_dir.mkdir(parents=True, exist_ok=True)
     a.runs = a.runs_dir
