@@ -47,12 +47,11 @@ MD_TITLE = "# q0 evaluation "
 
 def load_prior(path: Path, members, ks):
     """prior.json's budgets as dense weight vectors over `members`, checked against the disk."""
-    if not path.is_file():
-        die(f"{path}: no such prior; fit one with `python fit_prior.py RUN_DIR`")
     try:
-        prior = json.loads(path.read_text())
-        if prior.get("format") != "q0-prior":
-            die(f"{path} is not a q0 prior (fit one with `python fit_prior.py RUN_DIR`)")
+        prior = train_q0.read_prior(path)
+    except train_q0.UsageError as e:
+        die(str(e))
+    try:
         return _prior_weightings(path, prior, members, ks)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # cut short, or keys missing
         die(f"{path} is not a whole q0 prior ({type(e).__name__}: {e}); fit it again with "

@@ -1598,14 +1598,16 @@ Teacher = SnapshotTeacher | EnsembleTeacher
 
 
 def read_prior(path: Path) -> dict:
+    """A prior.json of fit_prior.py, read whole (eval.py --prior and --distil-from share it)."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such prior; fit one with `python fit_prior.py RUN_DIR`")
     try:
         prior = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--distil-from {path}: no such prior; fit one with `python fit_prior.py RUN_DIR`")
     except (OSError, ValueError) as e:
-        raise UsageError(f"--distil-from {path} is not a whole prior ({e}); fit it again with fit_prior.py")
+        raise UsageError(f"{path} is not a whole q0 prior ({type(e).__name__}: {e}); fit it again with "
+                         f"`python fit_prior.py RUN_DIR --out NEW.json`") from None
     if not isinstance(prior, dict) or prior.get("format") != "q0-prior":
-        raise UsageError(f"--distil-from {path} is not a q0 prior; fit one with `python fit_prior.py RUN_DIR`")
+        raise UsageError(f"{path} is not a q0 prior (fit one with `python fit_prior.py RUN_DIR`)")
     return prior
 
 
@@ -1635,7 +1637,7 @@ def distil_members(args, data: RunData) -> list[dict]:
         record_path = run_dir / "snapshots" / f"{ref['id']}.json"
         if not record_path.is_file():
             raise UsageError(f"--distil-from {path}: member {ref['id']} of {run_dir} is gone; refit the prior")
-        record = json.loads(record_path.read_text())
+        record = read_json(record_path, "rerun its training command to repair it")
         if record["weights_sha256"] != ref["weights_sha256"]:
             raise UsageError(f"snapshot {run_dir.name}:{ref['id']} changed since {path} was fitted (weights SHA-256 "
                              f"differs); refit the prior with fit_prior.py")
@@ -2193,12 +2195,7 @@ class BaseTrainer:
             # gradients as views of DDP's buckets: no second fp32 copy of every gradient
             self.ddp = DistributedDataParallel(self.model, process_group=layout.group, gradient_as_bucket_view=True)
         self.forward = self.compiled(self.ddp if self.ddp is not None else self.model)
-        member_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # K members: half the memory
-        self.ensemble = None if not distil else EnsembleTeacher(
-            [SnapshotTeacher(m, self.compiled(m)) for m in
-             (load_snapshot_model(d["run_dir"], d["record"], device).to(member_dtype).requires_grad_(False)
-              for d in distil)],
-            [d["weight"] for d in distil], [f"{d['run_dir'].name}:{d['record']['id']}" for d in distil], device)
+        self.ensemble = self.load_ensemble(distil) if distil else None
         self.teacher: SnapshotTeacher | None = None  # the chain teacher, while a cycle needs it
         self.step, self.cycles_done = 0, 0
         self.tracker = PopulationTracker(run_dir)
@@ -2212,6 +2209,16 @@ class BaseTrainer:
     # --- the teacher: every decision about it is made here -----------------------------------
     def set_teacher(self, model: GPT | None):
         self.teacher = SnapshotTeacher(model, self.compiled(model)) if model is not None else None
+
+    def load_ensemble(self, distil: list[dict]) -> EnsembleTeacher:
+        """The prior's members, frozen and compiled like the student; bf16 on CUDA (K copies)."""
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        members = []
+        for d in distil:
+            model = load_snapshot_model(d["run_dir"], d["record"], self.device).to(dtype).requires_grad_(False)
+            members.append(SnapshotTeacher(model, self.compiled(model)))
+        return EnsembleTeacher(members, [d["weight"] for d in distil],
+                               [f"{d['run_dir'].name}:{d['record']['id']}" for d in distil], self.device)
 
     def chain_distills(self, cycle_index: int) -> bool:
         return 0 < self.args.distill_from_cycle <= cycle_index and cycle_index > 1
