@@ -1578,8 +1578,8 @@ class EnsembleTeacher:
     evaluates, at the distillation temperature. The mixture is accumulated member by member
     (logaddexp), so a chunk holds two [tokens x vocab] tensors whatever K is."""
 
-    def __init__(self, members: list[SnapshotTeacher], weights: list[float], names: list[str], device):
-        self.members, self.names = members, names
+    def __init__(self, members: list[SnapshotTeacher], weights: list[float]):
+        self.members = members
         self.log_w = [math.log(w) for w in weights]
         self.forward_passes = len(members)
 
@@ -2217,8 +2217,7 @@ class BaseTrainer:
         for d in distil:
             model = load_snapshot_model(d["run_dir"], d["record"], self.device).to(dtype).requires_grad_(False)
             members.append(SnapshotTeacher(model, self.compiled(model)))
-        return EnsembleTeacher(members, [d["weight"] for d in distil],
-                               [f"{d['run_dir'].name}:{d['record']['id']}" for d in distil], self.device)
+        return EnsembleTeacher(members, [d["weight"] for d in distil])
 
     def chain_distills(self, cycle_index: int) -> bool:
         return 0 < self.args.distill_from_cycle <= cycle_index and cycle_index > 1

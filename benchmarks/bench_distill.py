@@ -39,8 +39,7 @@ def main():
         snapshot = q0.snapshot_state(trainer.model, device)
         trainer.set_teacher(q0.model_from_state(cfg, snapshot, device))
         ensemble = q0.EnsembleTeacher([q0.SnapshotTeacher(q0.model_from_state(cfg, snapshot, device))
-                                       for _ in range(opts.ensemble)], [1 / max(opts.ensemble, 1)] * opts.ensemble,
-                                      [f"m{i}" for i in range(opts.ensemble)], device)
+                                       for _ in range(opts.ensemble)], [1 / max(opts.ensemble, 1)] * opts.ensemble)
         kinds = ["plain", "chain"] + ([f"ensemble K={opts.ensemble}"] if opts.ensemble else [])
         cycle = cycles[0]
         seconds = {k: 0.0 for k in kinds}

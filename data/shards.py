@@ -155,6 +155,8 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# Range mirrors train_q0.Range: data/ runs without torch and train_q0.py imports no project module,
+# so neither can import the other; tests/test_bad_input.py checks that the two agree.
 @dataclasses.dataclass(frozen=True)
 class Range:
     """A flag's meaningful values. kind "number": finite, within [lo, hi] (an end is left out when

@@ -15,7 +15,7 @@ sys.path.insert(0, str(REPO))
 import eval as eval_cli  # noqa: E402
 import fit_prior  # noqa: E402
 import train_q0  # noqa: E402
-from data import fineweb, shakespeare, text  # noqa: E402
+from data import fineweb, shakespeare, shards, text  # noqa: E402
 
 COMMANDS = {  # name -> (module, the arguments a bad flag is added to)
     "train_q0.py": (train_q0, lambda t: ["--preset", "tiny", "--data-dir", t / "nodata", "--runs-dir", t / "runs"]),
@@ -191,3 +191,13 @@ def test_a_diverging_loss_stops_before_any_snapshot(small_data, tmp_path):
     assert len(lines) == 1 and re.match(r"error: the training loss is (nan|inf) at step \d+ ", lines[0]), \
         result.stderr
     assert not list(tmp_path.glob("*/snapshots/*")) and not list(tmp_path.glob("*/checkpoints/*"))
+
+
+def test_the_data_tools_range_mirrors_train_q0s():
+    """data/shards.py keeps its own copy of train_q0.Range (data/ runs without torch): both accept the
+    same values and say the same words."""
+    for kw in ({"lo": 0}, {"lo": 0, "lo_open": True}, {"lo": 0, "hi": 1, "hi_open": True}, {"lo": 2, "also": (0,)}):
+        ours, theirs = train_q0.Range(**kw), shards.Range(**kw)
+        for v in (-1, 0, 0.5, 1, 2, 3, float("inf"), float("nan")):
+            assert ours.accepts(v) == theirs.accepts(v), (kw, v)
+        assert ours.says(True) == theirs.says(True) and ours.says() == theirs.says()

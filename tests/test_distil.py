@@ -28,7 +28,7 @@ def test_ensemble_log_probs_equal_the_mixture():
         for m in members:
             m.head.weight.normal_(0, 0.5)
     w, T = [0.5, 0.3, 0.2], 1.7
-    teacher = q0.EnsembleTeacher([q0.SnapshotTeacher(m) for m in members], w, ["a", "b", "c"], "cpu")
+    teacher = q0.EnsembleTeacher([q0.SnapshotTeacher(m) for m in members], w)
     idx = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         f = teacher.features(idx)                                          # (B, T, K, D)
@@ -46,7 +46,7 @@ def test_the_loss_with_one_member_is_chain_distillation():
     idx = torch.randint(0, 50, (2, 13))
     x, mtp = student(idx[:, :-1], idx[:, 1:], hidden=True)
     losses = []
-    for teacher in (q0.SnapshotTeacher(member), q0.EnsembleTeacher([q0.SnapshotTeacher(member)], [1.0], ["m"], "cpu")):
+    for teacher in (q0.SnapshotTeacher(member), q0.EnsembleTeacher([q0.SnapshotTeacher(member)], [1.0])):
         with torch.no_grad():
             tx = teacher.features(idx[:, :-1])
         losses.append(q0.chunked_distillation_loss(student, x, idx[:, 1:], teacher, tx, 0.5, 1.3, chunk=5).item())  # noqa: E501

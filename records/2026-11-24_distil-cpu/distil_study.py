@@ -112,7 +112,6 @@ def spread(xs) -> str:
 
 
 def markdown(runs: Path, rows: list[dict], budgets: list[int], seeds: list[int]) -> str:
-    main_rows = {(r["population"], r["student"]) for r in rows}
     out = ["Validation loss in nats per byte (the cpu preset's 32,768 validation bytes), mean ± half-range over "
            f"seeds {', '.join(map(str, seeds))}. fp = forward passes per token at inference. Gain kept = (best single "
            "- student) / (best single - ensemble).", "",
@@ -148,7 +147,6 @@ def markdown(runs: Path, rows: list[dict], budgets: list[int], seeds: list[int])
                    f"{f['distill_alpha']:g} | {f['distill_temperature']:g} | {r['teacher_forward_passes']} | "
                    f"{r['teacher_val']:.4f} | {r['student_val']:.4f} ({r['student_epochs']:.1f}) | "
                    f"{r['student_last_val']:.4f} ({r['student_last_epochs']:.1f}) |")
-    del main_rows
     return "\n".join(out)
 
 
