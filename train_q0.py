@@ -2507,6 +2507,7 @@ def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget, trac
     memory = target.device == "cuda" or args.dry_run
     if traces is not None:
         step, plain = traces if distills else (traces[1], traces[1])
+        memory = memory and step["peak_bytes"] is not None and plain["peak_bytes"] is not None
     else:
         step = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, distills, memory)
         plain = trace_step(cfg, args, args.device_batch, args.checkpoint_activations, False) \

@@ -1,6 +1,7 @@
 """The preflight plan of the 1.8B slowrun preset on 8 H100s, as README's table (an estimate).
 
-    python benchmarks/plan_slowrun.py            # fake-tensor traces at full size: minutes on 2 cores
+    python benchmarks/plan_slowrun.py            # fake-tensor traces at full size: an hour or more on 2 cores
+    python benchmarks/plan_slowrun.py 8 1c 2c    # only these memory cells (B: batch B, c: checkpointing on)
 
 Traces one distilling micro-batch (the larger peak) at device batch 2 first: FLOPs, and the plan of
 the record population (5 bases x 96 cycles) and of --epochs 256; then the peak at device batch 1,
@@ -26,11 +27,21 @@ def target(args, gpus=8):
 ORDER = [(2, False), (2, True), (8, True), (1, False), (4, True), (4, False), (8, False), (1, True)]
 
 
+def cells(argv: list[str]) -> list[tuple[int, bool]]:
+    try:
+        return [(int(a.rstrip("c")), a.endswith("c")) for a in argv] or ORDER
+    except ValueError:
+        print("error: memory cells are a device batch with an optional c for checkpointing (e.g. 8 2c); "
+              "give none for all", file=sys.stderr)
+        sys.exit(2)
+
+
 def main():
+    order = cells(sys.argv[1:])
     base = q0.parse_args(["--dry-run"])
     cfg = q0.model_config(base, SPLIT["vocab"])
     t0 = time.time()
-    first = q0.trace_step(cfg, base, 2, False, distill=True)  # FLOPs, and the first memory cell
+    first = q0.trace_step(cfg, base, 2, False, distill=True, memory=(2, False) in order)  # FLOPs (and a cell)
     print(f"{cfg.n_layer} layers ({cfg.encoder_layers + len(cfg.decoder_order())} block applications per token), "
           f"{first['params']:,} parameters; FLOPs per token: student (forward + backward, chunked loss) "
           f"{first['student_flops_per_token']:.3e}, teacher forward {first['teacher_flops_per_token']:.3e}; Muon "
@@ -48,7 +59,7 @@ def main():
               f"{plan['snapshot_gib']:.2f} GiB each | {plan['disk_gib']:,.0f} GiB | {plan['hours_per_epoch']:.3f} | "
               f"{plan['hours']:,.1f} |", flush=True)
     print("\npeak memory per GPU of a distilling micro-batch (the larger peak), as traced:", flush=True)
-    for batch, checkpoint in ORDER:
+    for batch, checkpoint in order:
         trace = first if (batch, checkpoint) == (2, False) else q0.trace_step(cfg, base, batch, checkpoint, True)
         print(f"| device batch {batch} | checkpointing {'on ' if checkpoint else 'off'} | "
               f"{trace['peak_bytes'] / q0.GIB:.1f} GiB | ({time.time() - t0:.0f} s)", flush=True)
