@@ -608,7 +608,7 @@ def claim_output(path) -> int:
 # "cuda:gloo" group, which refuses CPU tensors through torch.distributed's own calls as NCCL does,
 # so a collective that bypasses these fails there.
 # Pinned torch internals (torch 2.5 to 2.13): ProcessGroup._device_types, ProcessGroup._get_backend
-# and the backend objects' allreduce / allgather / broadcast returning a Work.
+# and the backend objects' allreduce / allgather / alltoall_base returning a Work.
 
 def group_backend(group=None):
     """(backend, device it takes) of a process group (None: the world)."""
@@ -637,6 +637,20 @@ def all_gather(t: torch.Tensor, group=None) -> list[torch.Tensor]:
     out = [torch.empty_like(x) for _ in range(backend.size())]
     backend.allgather([out], [x]).wait()
     return out if t.device == device else [o.to(t.device) for o in out]
+
+
+def all_to_all(parts: list[torch.Tensor], group=None) -> list[torch.Tensor]:
+    """parts[j] (one shape for all) goes to group rank j; returns what each rank sent this one, in
+    rank order, on the parts' device. gloo has no all-to-all: there every rank gathers all parts."""
+    backend, device = group_backend(group)
+    x = torch.stack(parts).to(device)                                   # (W, ...)
+    if "NCCL" in type(backend).__name__:
+        out = torch.empty_like(x)
+        backend.alltoall_base(out, x, [], []).wait()  # equal splits along dim 0
+        received = out.unbind(0)
+    else:
+        received = [p[dist.get_rank(group)] for p in all_gather(x, group)]
+    return [r.to(parts[0].device) for r in received]
 
 
 def barrier(group=None):
@@ -1111,6 +1125,12 @@ class Block(nn.Module):
         return x + self.mlp(norm(x), seeds, 2 * site + 1)
 
 
+def capped_logits(x: torch.Tensor, head_weight: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
+    """The head over the real vocabulary, soft-capped, in float32 (GPT.logits, and a teacher's head)."""
+    z = F.linear(x, head_weight)[..., :cfg.vocab_size].float()
+    return cfg.logit_softcap * torch.tanh(z / cfg.logit_softcap)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -1186,9 +1206,7 @@ class GPT(nn.Module):
         """Soft-capped logits over the real vocabulary, in float32."""
         # the head's weight, not the module: the chunked loss calls this outside forward(), where a
         # module call would read as a new iteration to the preflight's memory tracker
-        z = F.linear(x, self.head.weight)[..., :self.cfg.vocab_size].float()
-        cap = self.cfg.logit_softcap
-        return cap * torch.tanh(z / cap)
+        return capped_logits(x, self.head.weight, self.cfg)
 
     def mtp_loss(self, x: torch.Tensor, targets: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """Predict token t+2 from the hidden state at t and the embedding of token t+1, through
@@ -1573,18 +1591,52 @@ class SnapshotTeacher:
         return F.log_softmax(self.model.logits(f) / temperature, dim=-1)
 
 
+class MemberHead:
+    """A member whose body another process of the group holds: its head, enough for its
+    log-probabilities from the features that process sends (1/18 of the 1.8B model's weights)."""
+
+    def __init__(self, head_weight: torch.Tensor, cfg: GPTConfig):
+        self.head_weight, self.cfg = head_weight, cfg
+
+    def log_probs(self, f: torch.Tensor, temperature: float) -> torch.Tensor:
+        return F.log_softmax(capped_logits(f, self.head_weight, self.cfg) / temperature, dim=-1)
+
+
 class EnsembleTeacher:
     """A prior's K members with their weights: log sum_i w_i softmax(z_i / T), the ensemble q0
     evaluates, at the distillation temperature. The mixture is accumulated member by member
-    (logaddexp), so a chunk holds two [tokens x vocab] tensors whatever K is."""
+    (logaddexp), so a chunk holds two [tokens x vocab] tensors whatever K is.
 
-    def __init__(self, members: list[SnapshotTeacher], weights: list[float]):
-        self.members = members
+    With a group of W processes the members are spread over it: member i's body lives on group
+    rank i mod W (a SnapshotTeacher there, a MemberHead elsewhere). features() gathers the group's
+    micro-batches, runs each local body over all of them and sends every process the features of
+    its own rows (all-to-all). A process then holds ceil(K/W) bodies and K heads, and runs the
+    FLOPs of K members over its rows, as if it held them all. Every process of the group calls
+    features() once per micro-batch (they run equally many)."""
+
+    def __init__(self, members: list[SnapshotTeacher | MemberHead], weights: list[float], group=None):
+        self.members, self.group = members, group
         self.log_w = [math.log(w) for w in weights]
         self.forward_passes = len(members)
+        self.size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        local = [i for i in range(len(members)) if i % self.size == self.rank]
+        if any(not isinstance(members[i], SnapshotTeacher) for i in local):
+            raise ValueError("member i's body belongs on group rank i mod W")
 
     def features(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m.features(idx) for m in self.members], dim=2)  # (B, T, K, D)
+        if self.size == 1:
+            return torch.stack([m.features(idx) for m in self.members], dim=2)  # (B, T, K, D)
+        W, K, B = self.size, len(self.members), idx.size(0)
+        rows = torch.cat(all_gather(idx, self.group))                            # (W*B, T)
+        mine = [m.features(rows).to(m.model.head.weight.dtype) for m in self.members[self.rank::W]]  # (W*B, T, D)
+        slots = -(-K // W)                                                       # bodies per rank, padded
+        f = torch.stack(mine + [torch.zeros_like(mine[0])] * (slots - len(mine)), dim=2) if mine else None
+        if f is None:  # more ranks than members: this one sends zeros (the head's dtype and width)
+            head = self.members[0].head_weight
+            f = head.new_zeros(rows.size(0), rows.size(1), slots, head.size(1))
+        got = all_to_all(list(f.split(B)), self.group)                           # rank s: (B, T, slots, D)
+        return torch.stack([got[i % W][:, :, i // W] for i in range(K)], dim=2)  # (B, T, K, D)
 
     def log_probs(self, f: torch.Tensor, temperature: float) -> torch.Tensor:
         out = None
@@ -2211,13 +2263,19 @@ class BaseTrainer:
         self.teacher = SnapshotTeacher(model, self.compiled(model)) if model is not None else None
 
     def load_ensemble(self, distil: list[dict]) -> EnsembleTeacher:
-        """The prior's members, frozen and compiled like the student; bf16 on CUDA (K copies)."""
+        """The prior's members, frozen and compiled like the student, bf16 on CUDA: member i's body on
+        group rank i mod W, its head on every rank (EnsembleTeacher)."""
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        size, rank = self.layout.group_size, self.layout.group_rank
         members = []
-        for d in distil:
-            model = load_snapshot_model(d["run_dir"], d["record"], self.device).to(dtype).requires_grad_(False)
-            members.append(SnapshotTeacher(model, self.compiled(model)))
-        return EnsembleTeacher(members, [d["weight"] for d in distil])
+        for i, d in enumerate(distil):
+            model = load_snapshot_model(d["run_dir"], d["record"], "cpu").requires_grad_(False)
+            if i % size == rank:
+                model = model.to(self.device, dtype)
+                members.append(SnapshotTeacher(model, self.compiled(model)))
+            else:
+                members.append(MemberHead(model.head.weight.detach().to(self.device, dtype), model.cfg))
+        return EnsembleTeacher(members, [d["weight"] for d in distil], self.layout.group)
 
     def chain_distills(self, cycle_index: int) -> bool:
         return 0 < self.args.distill_from_cycle <= cycle_index and cycle_index > 1
@@ -2529,6 +2587,8 @@ def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget, trac
     epoch_seconds = (target.train_tokens * plain["student_flops_per_token"] / group_size
                      + target.train_tokens / (args.batch_seqs * cfg.seq_len) * muon) / rate
     weight_bytes = step["params"] * (2 if target.device == "cuda" else 4)
+    head_bytes = cfg.padded_vocab * cfg.d_model * (2 if target.device == "cuda" else 4)
+    bodies = -(-teachers // group_size)  # member i's body on group rank i mod W (EnsembleTeacher)
     cache_bytes = 2 * (target.fitness_tokens + (target.val_tokens if args.val_probs else 0))
     checkpoint_bytes = 4 * step["params"] + step["optimizer_state_bytes"]
     snapshots = args.bases * args.cycles
@@ -2538,9 +2598,11 @@ def plan_run(args, cfg: GPTConfig, cycles: list[Cycle], target: PlanTarget, trac
         "optimizer_flops_per_step": plain["optimizer_flops"],
         "step_tokens": args.batch_seqs * cfg.seq_len,
         "peak_gib": plain["peak_bytes"] / GIB if memory else None,
-        # the trace holds one teacher; an ensemble's other members add their weights (bf16 on CUDA)
-        "peak_gib_distilling": (step["peak_bytes"] + (teachers - 1) * weight_bytes) / GIB if distills and memory
-        else None, "teachers": teachers,
+        # the trace holds one teacher; an ensemble spread over the group adds, per process, the
+        # bodies of its share of the members and the other members' heads (bf16 on CUDA)
+        "peak_gib_distilling": (step["peak_bytes"] + (bodies - 1) * weight_bytes
+                                + (teachers - bodies) * head_bytes) / GIB if distills and memory else None,
+        "teachers": teachers, "teacher_bodies": bodies,
         "snapshot_gib": (weight_bytes + cache_bytes) / GIB, "snapshots": snapshots,
         "disk_gib": (snapshots * (weight_bytes + cache_bytes) + (args.bases + groups) * checkpoint_bytes) / GIB,
         "hours_per_epoch": epoch_seconds / 3600,
@@ -2570,7 +2632,8 @@ def plan_lines(plan: dict, args) -> list[str]:
         f"{plan['teacher_flops_per_token']:.3e} (forward) | per step of {plan['step_tokens']:,} tokens: student "
         f"{plan['step_tokens'] * plan['student_flops_per_token']:.3e}, teacher "
         f"{plan['step_tokens'] * plan['teacher_flops_per_token'] * plan['teachers']:.3e} (distilling"
-        + (f": {plan['teachers']} ensemble members at most" if plan["teachers"] > 1 else "") + "), Muon "
+        + (f": {plan['teachers']} ensemble members at most, {plan['teacher_bodies']} held by each process"
+           if plan["teachers"] > 1 else "") + "), Muon "
         f"{plan['optimizer_flops_per_step']:.3e} ({plan['optimizer_flops_per_step'] / plan['group_size']:.3e} on "
         f"each of {plan['group_size']} process(es): sharded)",
         f"plan: peak memory per process at --device-batch {args.device_batch}"

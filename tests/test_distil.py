@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_train
+from conftest import REPO, TORCHRUN_2, run_train
 
 import train_q0 as q0
 
@@ -88,6 +88,23 @@ def test_a_student_is_an_ordinary_run_eval_scores_beside_the_ensemble(small_data
     # rerun: the same run resumes (complete); a changed teacher budget is another population
     assert "already complete" in run_train(small_data, population, "--distil-from", str(prior), "--distil-k", str(k),
                                            "--epochs", "1", "--run-name", "student").stdout
+
+
+def test_two_processes_spread_the_members_and_train_the_same_student(small_data, population):
+    """Under torchrun the members' bodies are spread over the group (member i on rank i mod 2, every
+    head on both): the student's snapshots score as the one-process student's, to reduction order."""
+    prior = population / "pop" / "prior.json"
+    k = max(b["K"] for b in json.loads(prior.read_text())["budgets"])
+    flags = ("--distil-from", str(prior), "--distil-k", str(k), "--epochs", "1")
+    run_train(small_data, population, *flags, "--run-name", "student")  # the test above's student, if it ran
+    r = run_train(small_data, population, *flags, "--run-name", "two", launcher=TORCHRUN_2,
+                  env={"OMP_NUM_THREADS": "1"})
+    assert f"{k} ensemble members at most, {-(-k // 2)} held by each process" in r.stdout
+    one, two = ({rec["id"]: rec for rec in json.loads((population / name / "manifest.json").read_text())["snapshots"]}
+                for name in ("student", "two"))
+    assert one.keys() == two.keys()
+    for sid in one:
+        assert two[sid]["val_loss"] == pytest.approx(one[sid]["val_loss"], abs=5e-5)  # 4e-6 measured
 
 
 def refused(small_data, runs, *flags) -> str:

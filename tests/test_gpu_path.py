@@ -43,9 +43,35 @@ def _cuda_gloo_worker(rank: int, port: int, tokens: np.ndarray, out_dir: str):
         model = q0.GPT(q0.GPTConfig(**TINY_CFG))
         result["probs"] = q0.token_probs(model, tokens, 16, 2, "cpu", sub)
         result["muon"] = muon_steps(sub), muon_steps(None)  # sharded over the 2 ranks, and not
+        result["all_to_all"] = [x.tolist() for x in q0.all_to_all([torch.full((2,), 10.0 * rank + j) for j in range(2)])]
+        result["ensemble"] = {k: sharded_ensemble(rank, k, sub) for k in (3, 1)}  # 1 member: rank 1 holds no body
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def ensemble_members(k: int) -> tuple[list[q0.GPT], list[float]]:
+    members = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        members.append(q0.GPT(q0.GPTConfig(**TINY_CFG)).eval().requires_grad_(False))
+        with torch.no_grad():  # members that disagree: random heads, not the zero init
+            members[-1].head.weight.normal_(0, 0.5)
+    return members, [0.5, 0.3, 0.2][:k] if k > 1 else [1.0]
+
+
+def ensemble_rows(rank: int) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))  # each rank its own rows
+
+
+def sharded_ensemble(rank: int, k: int, group) -> torch.Tensor:
+    """The ensemble teacher's log-probabilities of this rank's rows, member i's body on rank i mod 2."""
+    members, w = ensemble_members(k)
+    held = [q0.SnapshotTeacher(m) if i % 2 == rank else q0.MemberHead(m.head.weight, m.cfg)
+            for i, m in enumerate(members)]
+    teacher = q0.EnsembleTeacher(held, w, group)
+    with torch.no_grad():
+        return teacher.log_probs(teacher.features(ensemble_rows(rank)).flatten(0, 1), 1.3)
 
 
 def muon_steps(group, steps: int = 3) -> dict:
@@ -63,7 +89,7 @@ def muon_steps(group, steps: int = 3) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_collectives_and_token_probs_in_a_group_that_refuses_cpu_tensors(small_data, tmp_path):
+def test_collectives_token_probs_and_the_spread_ensemble_in_a_group_that_refuses_cpu_tensors(small_data, tmp_path):
     tokens = q0.read_tokens(small_data / "val.q0t").tokens[:150]
     mp.spawn(_cuda_gloo_worker, args=(free_port(), tokens, str(tmp_path)), nprocs=2)
     torch.manual_seed(0)
@@ -74,6 +100,13 @@ def test_collectives_and_token_probs_in_a_group_that_refuses_cpu_tensors(small_d
         assert r["all_reduce"] == [3.0, 3.0, 3.0]
         assert r["all_gather"] == [[0.0, 0.0], [1.0, 1.0]]
         np.testing.assert_allclose(r["probs"], single, rtol=1e-6)  # each window scored once, summed
+        assert r["all_to_all"] == [[float(rank)] * 2, [10.0 + rank] * 2]
+        for k, got in r["ensemble"].items():  # the members spread over the group: one body per rank
+            members, w = ensemble_members(k)
+            teacher = q0.EnsembleTeacher([q0.SnapshotTeacher(m) for m in members], w)
+            with torch.no_grad():
+                want = teacher.log_probs(teacher.features(ensemble_rows(rank)).flatten(0, 1), 1.3)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         sharded, whole = r["muon"]
         assert sharded.keys() == whole.keys()
         for k in whole:  # each matrix is orthogonalised alone, on one rank or the other
