@@ -2531,7 +2531,9 @@ def _trace(cfg, args, device_batch, checkpoint, distill, memory, formulas, flops
         flops["student"] = fc.get_total_flops() - flops.get("teacher", 0)
         model.zero_grad(set_to_none=True)
         peak = None
-        if memory:  # a pass of its own: under FlopCounterMode, checkpointed blocks keep what a run frees (6.7x per sequence)
+        # memory in a pass of its own: under FlopCounterMode, checkpointed blocks keep what a run
+        # frees (6.7x the memory per sequence in a small trace)
+        if memory:
             tracker = MemTracker()
             tracker.track_external(model, optimizer, *([teacher] if teacher is not None else []))
             with tracker:

@@ -12,7 +12,8 @@ E* is; never on validation); the last snapshot's is reported too.
 
 Variants (flags on top of the main recipe `--distil-k 8 --epochs 16 --distill-alpha 0.8`):
   main       every budget and seed
-  the rest   the 64-epoch population, seed 0 (alpha, init, temperature, K)
+  the rest   the 64-epoch population, seed 0 (alpha, init, temperature, K, a 32-epoch student, and
+             the teacher on more text: bytes sampled from the ensemble by more_text.py)
 Students already trained are reused; a cut-off one resumes. Results: distil.json and distil.md
 beside this file.
 """
@@ -36,7 +37,13 @@ ABLATIONS = {  # name -> (population, seed, flags replacing or adding to MAIN's)
     "alpha-0.45-init-best": ("q0-e64-s0", 0, ["--distill-alpha", "0.45", "--distil-init", "best"]),
     "T-1.0": ("q0-e64-s0", 0, ["--distill-temperature", "1.0"]),
     "K-4": ("q0-e64-s0", 0, ["--distil-k", "4"]),
+    "epochs-32": ("q0-e64-s0", 0, ["--epochs", "32"]),                # a longer student, 2x the tokens
 }
+# The teacher on more text: the 32,768 training bytes plus 342 documents sampled from the same
+# ensemble (more_text.py: 32-byte real prompts, 96 sampled bytes each), the student's tokens held
+# equal to the 16- and the 32-epoch student's (fewer epochs of the larger data).
+SAMPLED = {"sampled-1x": 16, "sampled-1x-long": 32}  # name -> the real-data student whose tokens it matches
+TRAIN_BYTES = 32768  # the cpu preset's --train-tokens
 EXTRA = {"st-e64-s1-alpha-0.45": ("q0-e64-s1", 1, ["--distill-alpha", "0.45"])}  # the alpha-0.45 row's seed 1
 
 
@@ -46,6 +53,24 @@ def merged(flags: list[str]) -> list[str]:
     for k, v in zip(MAIN[::2], MAIN[1::2]):
         out += [k, given.pop(k, v)]
     return out + [x for kv in given.items() for x in kv]
+
+
+def sampled_data(runs: Path) -> tuple[Path, int]:
+    """The data folder with the ensemble's samples appended (built once), and its training tokens."""
+    folder = runs / "data-sampled-1x"
+    if not (folder / "sampled.json").is_file():
+        cmd = [PY, str(HERE / "more_text.py"), "--prior", str(runs / "q0-e64-s0" / "prior.json"), "--k", "8",
+               "--samples", "342", "--out", str(folder)]
+        if subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode:
+            raise SystemExit(f"error: {' '.join(cmd)} failed")
+    return folder, json.loads((folder / "sampled.json").read_text())["student_train_tokens"]
+
+
+def sampled_jobs(runs: Path) -> list[tuple]:
+    folder, tokens = sampled_data(runs)
+    return [(f"st-e64-s0-{name}", "q0-e64-s0", 0, ["--data-dir", str(folder), "--train-tokens", str(tokens),
+                                                    "--epochs", f"{epochs * TRAIN_BYTES / tokens:.4f}"])
+            for name, epochs in SAMPLED.items()]
 
 
 def train_student(runs: Path, name: str, population: str, seed: int, flags: list[str]) -> Path:
@@ -77,6 +102,8 @@ def result(runs: Path, population: str, student: Path) -> dict:
     return {"student": student.name, "population": population, "flags": {k: cfg[k] for k in (
                 "distil_k", "distil_init", "distill_alpha", "distill_temperature", "epochs")},
             "teacher_forward_passes": len(cfg["distil_teacher"]),
+            "student_tokens": round(last["base_epochs"] * manifest["train"]["tokens"]),
+            "sampled_data": "sampled" in cfg["data_dir"],
             "student_val": pick["val_loss"], "student_snapshot": pick["id"], "student_epochs": pick["base_epochs"],
             "student_last_val": last["val_loss"], "student_last_epochs": last["base_epochs"],
             "population_epochs": sum(max(r["base_epochs"] for r in pop_recs if r["base"] == b)
@@ -139,14 +166,15 @@ def markdown(runs: Path, rows: list[dict], budgets: list[int], seeds: list[int])
     out += ["", "Every student: the main recipe `--distil-k 8 --epochs 16 --distill-alpha 0.8` (st-eE-sS) and "
             "the ablations on the 64-epoch populations, each one change against it (the student picked on "
             "fitness, and its last snapshot):", "",
-            "| student | population | K | init | alpha | T | teacher fp | teacher (K) loss | student (epochs) | "
-            "last snapshot (epochs) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| student | population | K | init | alpha | T | teacher fp | teacher (K) loss | text | student's "
+            "tokens | student (epochs) | last snapshot (epochs) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["flags"]
+        text = "real + sampled" if r.get("sampled_data") else "real"
         out.append(f"| {r['student']} | {r['population']} | {f['distil_k']} | {f['distil_init']} | "
                    f"{f['distill_alpha']:g} | {f['distill_temperature']:g} | {r['teacher_forward_passes']} | "
-                   f"{r['teacher_val']:.4f} | {r['student_val']:.4f} ({r['student_epochs']:.1f}) | "
-                   f"{r['student_last_val']:.4f} ({r['student_last_epochs']:.1f}) |")
+                   f"{r['teacher_val']:.4f} | {text} | {r['student_tokens']:,} | {r['student_val']:.4f} "
+                   f"({r['student_epochs']:.1f}) | {r['student_last_val']:.4f} ({r['student_last_epochs']:.1f}) |")
     return "\n".join(out)
 
 
@@ -165,6 +193,7 @@ def main():
     if a.only in ("ablations", "all"):
         jobs += [(f"st-e64-s{seed}-{name}", pop, seed, flags) for name, (pop, seed, flags) in ABLATIONS.items()]
         jobs += [(name, pop, seed, flags) for name, (pop, seed, flags) in EXTRA.items()]
+        jobs += sampled_jobs(a.runs_dir)
     if a.only == "report":
         jobs = [(d.name, d.name.split("-")[0] == "st" and "q0-" + "-".join(d.name.split("-")[1:3]), 0, [])
                 for d in sorted((a.runs_dir / "students").iterdir()) if (d / "manifest.json").is_file()]
