@@ -2217,8 +2217,55 @@ def check_finite(loss: torch.Tensor, base: int, cycle: int, step: int):
                          f"of this cycle was saved: lower the learning rates (--lr-*) or check the data and flags")
 
 
+class Stepper:
+    """The optimiser step of one model, apart from the driver that decides what to step on: the
+    schedule's LR and weight decay, the micro-batches of the global batch this process runs,
+    DDP's gradient sync on the last of them, clipping and the update. It knows no cycles,
+    snapshots, checkpoints or teachers' life cycle (BaseTrainer): it is handed a batch, its rows'
+    dropout seeds and a teacher (or None)."""
+
+    def __init__(self, args, model: GPT, layout: Layout, device: torch.device, compiled):
+        self.args, self.model, self.layout, self.device = args, model, layout, device
+        if args.checkpoint_activations:
+            model.checkpoint_blocks = True
+        self.optimizer = build_optimizer(model, args, layout.group)  # Muon sharded over the group
+        self.ddp = None
+        if layout.group is not None:
+            from torch.nn.parallel import DistributedDataParallel
+            # gradients as views of DDP's buckets: no second fp32 copy of every gradient
+            self.ddp = DistributedDataParallel(model, process_group=layout.group, gradient_as_bucket_view=True)
+        self.forward = compiled(self.ddp if self.ddp is not None else model)
+
+    def schedule(self, step_in_cycle: int, cycle_steps: int):
+        args = self.args
+        lr_mult = lr_multiplier(step_in_cycle, cycle_steps, args.lr_floor)
+        wd_mult = wd_multiplier(lr_mult, args.lr_floor, args.wd_floor)
+        for g in self.optimizer.param_groups:
+            g["lr"], g["weight_decay"] = g["peak_lr"] * lr_mult, g["peak_wd"] * wd_mult
+
+    def step(self, batch: np.ndarray, seeds: list[int], teacher: Teacher | None) -> torch.Tensor:
+        """One update from the global batch (rows, T + 1); returns this process's mean loss."""
+        args, lay, B = self.args, self.layout, self.args.device_batch
+        mine = micro_batches_of(lay.group_rank, lay.group_size, batch.shape[0] // B)
+        loss_sum = torch.zeros((), device=self.device)
+        for a, k in enumerate(mine):
+            rows = to_device(torch.from_numpy(batch[k * B:(k + 1) * B]), self.device)
+            row_seeds = to_device(torch.tensor(seeds[k * B:(k + 1) * B], dtype=torch.int64), self.device)
+            sync = nullcontext() if (self.ddp is None or a == len(mine) - 1) else self.ddp.no_sync()
+            with sync:  # dropout masks follow the rows (row_dropout), not the micro-batch
+                loss = micro_batch_loss(self.forward, self.model, teacher, rows, args, self.device, row_seeds)
+                (loss / len(mine)).backward()
+            loss_sum += loss.detach()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / len(mine)
+
+
 class BaseTrainer:
-    """One base's trajectory: cycles of training, a snapshot at the end of each. The teacher is
+    """One base's trajectory (the driver; its Stepper makes each update): cycles of training, a
+    snapshot at the end of each, noise, checkpoints and resume. The teacher is
     decided in one place (teacher_for, after_snapshot): the prior's ensemble when one is given
     (ensemble distillation, every cycle), else the previous snapshot (chain distillation)."""
 
@@ -2238,15 +2285,8 @@ class BaseTrainer:
                 raise UsageError(f"--distil-init best: member {best['record']['id']} of {best['run_dir']} has another "
                                  f"architecture than the student; give the members' model flags or --distil-init scratch")
             self.model.load_state_dict(load_weights(best["run_dir"] / best["record"]["weights"]))
-        if args.checkpoint_activations:
-            self.model.checkpoint_blocks = True
-        self.optimizer = build_optimizer(self.model, args, layout.group)  # Muon sharded over the group
-        self.ddp = None
-        if layout.group is not None:
-            from torch.nn.parallel import DistributedDataParallel
-            # gradients as views of DDP's buckets: no second fp32 copy of every gradient
-            self.ddp = DistributedDataParallel(self.model, process_group=layout.group, gradient_as_bucket_view=True)
-        self.forward = self.compiled(self.ddp if self.ddp is not None else self.model)
+        self.stepper = Stepper(args, self.model, layout, device, self.compiled)
+        self.optimizer = self.stepper.optimizer
         self.ensemble = self.load_ensemble(distil) if distil else None
         self.teacher: SnapshotTeacher | None = None  # the chain teacher, while a cycle needs it
         self.step, self.cycles_done = 0, 0
@@ -2327,33 +2367,16 @@ class BaseTrainer:
         self.set_teacher(model_from_state(self.cfg, state, self.device))
 
     # --- one optimiser step ------------------------------------------------------------------
-    def train_step(self, cycle: Cycle, step_in_cycle: int, distill: bool) -> float:
-        args, lay = self.args, self.layout
+    def train_step(self, cycle: Cycle, step_in_cycle: int, distill: bool) -> torch.Tensor:
+        args = self.args
         teacher = (self.ensemble or self.teacher) if distill else None
-        lr_mult = lr_multiplier(step_in_cycle, cycle.steps, args.lr_floor)
-        wd_mult = wd_multiplier(lr_mult, args.lr_floor, args.wd_floor)
-        for g in self.optimizer.param_groups:
-            g["lr"], g["weight_decay"] = g["peak_lr"] * lr_mult, g["peak_wd"] * wd_mult
+        self.stepper.schedule(step_in_cycle, cycle.steps)
         pos = cycle.first_pos + step_in_cycle * cycle.batch_seqs * args.seq_len
         batch = self.stream.batch(pos, cycle.batch_seqs, args.seq_len)
-        mine = micro_batches_of(lay.group_rank, lay.group_size, cycle.batch_seqs // args.device_batch)
-        accum = len(mine)
-        loss_sum = torch.zeros((), device=self.device)
-        for a, k in enumerate(mine):
-            rows = to_device(torch.from_numpy(batch[k * args.device_batch:(k + 1) * args.device_batch]), self.device)
-            seeds = to_device(torch.tensor([_seed(args.seed, self.base, self.step, r) for r in range(
-                k * args.device_batch, (k + 1) * args.device_batch)], dtype=torch.int64), self.device)
-            sync = nullcontext() if (self.ddp is None or a == accum - 1) else self.ddp.no_sync()
-            with sync:  # dropout masks follow the rows (row_dropout), not the micro-batch
-                loss = micro_batch_loss(self.forward, self.model, teacher, rows, args, self.device, seeds)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        seeds = [_seed(args.seed, self.base, self.step, r) for r in range(cycle.batch_seqs)]
+        loss = self.stepper.step(batch, seeds, teacher)
         self.step += 1
-        return loss_sum / accum
+        return loss
 
     # --- snapshot ----------------------------------------------------------------------------
     def snapshot(self, cycle: Cycle):
