@@ -1,10 +1,10 @@
 """Host memory of `eval.py --forward` on a large validation set, against the number of weightings.
 
-    python benchmarks/bench_eval_memory.py [--val-tokens 2000000] [--old-repo PATH]
+    python benchmarks/bench_eval_memory.py [--val-tokens 1000000] [--cycles 4] [--old-repo PATH]
 
 Builds a data folder whose validation split is --val-tokens bytes of Shakespeare (the plays after
-the first 200K bytes), trains a tiny-preset population of --cycles snapshots on it, fits its
-prior and runs `eval.py --forward`, reporting the peak resident memory (ru_maxrss) of the eval
+the first 200K bytes; of those, the first 2,000 are the fitness set), trains a tiny-preset
+population of --cycles snapshots on it, fits its prior and runs `eval.py --forward`, reporting the peak resident memory (ru_maxrss) of the eval
 process, the number of weightings it scored and the loss it printed. --old-repo: a checkout of an
 earlier q0 whose eval.py kept a float64 running sum per weighting per validation token, run on
 the same population side by side (its results must equal ours). The folder (--work, default a
@@ -37,7 +37,8 @@ def build_data(folder: Path, val_tokens: int):
         sys.exit(f"error: the plays hold {tokens.size - cut:,} bytes after the training part; lower --val-tokens")
     fields = dict(vocab_size=source.vocab_size, bos_id=bos, tokenizer=source.tokenizer,
                   token_bytes=source.token_bytes, command="python " + " ".join(sys.argv))
-    write_shard(folder / "train.q0t", tokens[:cut], **fields)
+    train = np.concatenate([tokens[:2000], [bos], tokens[2000:cut]])  # a 2,000-byte first document: the fitness set
+    write_shard(folder / "train.q0t", train, **fields)
     write_shard(folder / "val.q0t", val, **fields)
 
 
@@ -66,8 +67,8 @@ def weightings(res: dict) -> int:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--val-tokens", type=int, default=2_000_000)
-    ap.add_argument("--cycles", type=int, default=6)
+    ap.add_argument("--val-tokens", type=int, default=1_000_000)
+    ap.add_argument("--cycles", type=int, default=4)
     ap.add_argument("--old-repo", type=Path, help="an earlier q0 checkout to compare with")
     ap.add_argument("--work", type=Path, help="where data and runs go (default: a temporary folder)")
     a = ap.parse_args()
