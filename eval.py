@@ -36,7 +36,7 @@ from fit_prior import die
 
 CACHE_TOLERANCE = 1e-3  # nats/token between the cached fp16 and forward paths (see the docstring)
 PROB_FLOOR = 2.0 ** -24  # the caches' clamp; the forward path applies the same one
-CHUNK_ELEMS = 1 << 24    # cached path: member probabilities held at once (64 MiB of float32)
+CHUNK_ELEMS = 1 << 22    # tokens x max(members, weightings) scored at once: 32 MiB of float64
 PARTS = ("members", "uniform", "prior", "curve")
 MD_TITLE = "# q0 evaluation "
 
@@ -210,8 +210,8 @@ def nll_sums(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def score_chunks(read, n_members: int, T: int, W: torch.Tensor, keep: torch.Tensor, need: np.ndarray):
     """nll_sums of every weighting's mixture W @ p and of every needed member, from member
     probabilities read in token chunks (`read(s, e)` -> float32 [members, e - s]): memory is one
-    chunk of every member, whatever the number of weightings or targets."""
-    chunk = max(1024, CHUNK_ELEMS // n_members)
+    chunk of every member and of every weighting, whatever the number of targets."""
+    chunk = max(1024, CHUNK_ELEMS // max(n_members, len(W)))  # W @ P of a chunk is as large as P
     sums, member_sums = torch.zeros(len(W), 2, dtype=torch.float64), torch.zeros(n_members, 2, dtype=torch.float64)
     rows = torch.from_numpy(np.flatnonzero(need))
     for s in range(0, T, chunk):
