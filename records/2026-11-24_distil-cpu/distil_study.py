@@ -41,10 +41,11 @@ ABLATIONS = {  # name -> (population, seed, flags replacing or adding to MAIN's)
 }
 # The teacher on more text: the 32,768 training bytes plus 342 documents sampled from the same
 # ensemble (more_text.py: 32-byte real prompts, 96 sampled bytes each), the student's tokens held
-# equal to the 16- and the 32-epoch student's (fewer epochs of the larger data).
+# equal to the 16- and the 32-epoch student's (fewer epochs of the larger data); both seeds.
 SAMPLED = {"sampled-1x": 16, "sampled-1x-long": 32}  # name -> the real-data student whose tokens it matches
 TRAIN_BYTES = 32768  # the cpu preset's --train-tokens
-EXTRA = {"st-e64-s1-alpha-0.45": ("q0-e64-s1", 1, ["--distill-alpha", "0.45"])}  # the alpha-0.45 row's seed 1
+EXTRA = {"st-e64-s1-alpha-0.45": ("q0-e64-s1", 1, ["--distill-alpha", "0.45"]),  # the alpha-0.45 row's seed 1
+         "st-e64-s1-epochs-32": ("q0-e64-s1", 1, ["--epochs", "32"])}
 
 
 def merged(flags: list[str]) -> list[str]:
@@ -55,22 +56,27 @@ def merged(flags: list[str]) -> list[str]:
     return out + [x for kv in given.items() for x in kv]
 
 
-def sampled_data(runs: Path) -> tuple[Path, int]:
-    """The data folder with the ensemble's samples appended (built once), and its training tokens."""
-    folder = runs / "data-sampled-1x"
+def sampled_data(runs: Path, seed: int) -> tuple[Path, int]:
+    """The data folder with seed's 64-epoch ensemble's samples appended (built once; seed 0's folder
+    has no suffix, as it was first built), and its training tokens."""
+    folder = runs / ("data-sampled-1x" + (f"-s{seed}" if seed else ""))
     if not (folder / "sampled.json").is_file():
-        cmd = [PY, str(HERE / "more_text.py"), "--prior", str(runs / "q0-e64-s0" / "prior.json"), "--k", "8",
-               "--samples", "342", "--out", str(folder)]
+        cmd = [PY, str(HERE / "more_text.py"), "--prior", str(runs / f"q0-e64-s{seed}" / "prior.json"), "--k", "8",
+               "--samples", "342", "--seed", str(seed), "--out", str(folder)]
         if subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1")).returncode:
             raise SystemExit(f"error: {' '.join(cmd)} failed")
     return folder, json.loads((folder / "sampled.json").read_text())["student_train_tokens"]
 
 
-def sampled_jobs(runs: Path) -> list[tuple]:
-    folder, tokens = sampled_data(runs)
-    return [(f"st-e64-s0-{name}", "q0-e64-s0", 0, ["--data-dir", str(folder), "--train-tokens", str(tokens),
-                                                    "--epochs", f"{epochs * TRAIN_BYTES / tokens:.4f}"])
-            for name, epochs in SAMPLED.items()]
+def sampled_jobs(runs: Path, seeds: list[int]) -> list[tuple]:
+    jobs = []
+    for seed in seeds:
+        folder, tokens = sampled_data(runs, seed)
+        for name, epochs in SAMPLED.items():
+            flags = ["--data-dir", str(folder), "--train-tokens", str(tokens),
+                     "--epochs", f"{epochs * TRAIN_BYTES / tokens:.4f}"]
+            jobs.append((f"st-e64-s{seed}-{name}", f"q0-e64-s{seed}", seed, flags))
+    return jobs
 
 
 def train_student(runs: Path, name: str, population: str, seed: int, flags: list[str]) -> Path:
@@ -193,7 +199,7 @@ def main():
     if a.only in ("ablations", "all"):
         jobs += [(f"st-e64-s{seed}-{name}", pop, seed, flags) for name, (pop, seed, flags) in ABLATIONS.items()]
         jobs += [(name, pop, seed, flags) for name, (pop, seed, flags) in EXTRA.items()]
-        jobs += sampled_jobs(a.runs_dir)
+        jobs += sampled_jobs(a.runs_dir, a.seeds)
     if a.only == "report":
         jobs = [(d.name, d.name.split("-")[0] == "st" and "q0-" + "-".join(d.name.split("-")[1:3]), 0, [])
                 for d in sorted((a.runs_dir / "students").iterdir()) if (d / "manifest.json").is_file()]
