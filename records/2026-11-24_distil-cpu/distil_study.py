@@ -144,6 +144,28 @@ def spread(xs) -> str:
     return f"{mean(xs):.4f}" + (f" ± {(max(xs) - min(xs)) / 2:.4f}" if len(xs) > 1 else "")
 
 
+def more_text_table(runs: Path, rows: list[dict], seeds: list[int]) -> list[str]:
+    """Real text against real + sampled text, the student's tokens held equal (64-epoch populations)."""
+    by_name, single = {r["student"]: r for r in rows}, best_single(runs, seeds, 64)
+    out = ["", "The teacher on more text (64-epoch populations, K=8, a = 0.8): the student's training tokens held "
+           "equal, on the 32,768 real bytes alone or with 44,118 bytes sampled from the same ensemble added "
+           "(more_text.py; its cost is in README).", "",
+           "| student's tokens | real text (epochs) | real + sampled (epochs) | gain kept of q0's: real | "
+           "real + sampled |", "|---|---|---|---|---|"]
+    pairs = (("st-e64-s{}", "st-e64-s{}-sampled-1x"), ("st-e64-s{}-epochs-32", "st-e64-s{}-sampled-1x-long"))
+    for real, sampled in pairs:
+        a = [by_name.get(real.format(s)) for s in seeds]
+        b = [by_name.get(sampled.format(s)) for s in seeds]
+        if None in a or None in b or not single:
+            continue
+        ref, q0 = mean(single["val"]), mean([r["q0_val"] for r in a])
+        kept = [f"{(ref - mean([r['student_val'] for r in x])) / (ref - q0):.0%}" for x in (a, b)]
+        out.append(f"| {mean([r['student_tokens'] for r in a]):,.0f} | {spread([r['student_val'] for r in a])} "
+                   f"({mean([r['student_epochs'] for r in a]):.1f}) | {spread([r['student_val'] for r in b])} "
+                   f"({mean([r['student_epochs'] for r in b]):.1f}) | {kept[0]} | {kept[1]} |")
+    return out
+
+
 def markdown(runs: Path, rows: list[dict], budgets: list[int], seeds: list[int]) -> str:
     out = ["Validation loss in nats per byte (the cpu preset's 32,768 validation bytes), mean ± half-range over "
            f"seeds {', '.join(map(str, seeds))}. fp = forward passes per token at inference. Gain kept = (best single "
@@ -169,6 +191,7 @@ def markdown(runs: Path, rows: list[dict], budgets: list[int], seeds: list[int])
         axis = mean([r["population_epochs"] + r["student_epochs"] for r in mine])
         out.append(f"| {b} | {single_txt} | {spread(q0)} ({fps}) | {spread(te)} ({tfp}) | {spread(st)} | "
                    f"{mean([r['student_epochs'] for r in mine]):.1f} | {axis:.1f} | {kept} | {kept_t} |")
+    out += more_text_table(runs, rows, seeds)
     out += ["", "Every student: the main recipe `--distil-k 8 --epochs 16 --distill-alpha 0.8` (st-eE-sS) and "
             "the ablations on the 64-epoch populations, each one change against it (the student picked on "
             "fitness, and its last snapshot):", "",
