@@ -9,7 +9,8 @@ python data/shakespeare.py --tokenizer bytes
 python records/2026-11-23_shakespeare-cpu/study.py --runs-dir runs/study --no-allocations --single-max 16 \
   --baseline-groups 1 --stage report \
   --out-dir records/2026-11-24_record-model-cpu/study
-# the students, then the study's tables again with the student column
+# the students (with the text more_text.py samples from the 64-epoch ensembles), then the
+# study's tables again with the student column
 python records/2026-11-24_distil-cpu/distil_study.py --runs-dir runs/study
 python records/2026-11-23_shakespeare-cpu/study.py --runs-dir runs/study --no-allocations --single-max 16 \
   --baseline-groups 1 --stage report \
