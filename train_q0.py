@@ -492,11 +492,11 @@ def _atomic(path, write, size: int | None = None, replace: bool = True):
             tmp.unlink()
 
 
-def load_weights(path, device="cpu") -> dict:
+def load_weights(path, device="cpu", mmap: bool = False) -> dict:
     """torch.load with weights_only: anything but plain tensors (a pickled object, a damaged file)
-    is refused in one line."""
+    is refused in one line. mmap: tensors backed by the file (pages read when touched)."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, a damaged zip, a missing file: one answer
         raise UsageError(f"{path} is not a q0 weights file that loads safely ({type(e).__name__}); move it away "
                          f"and rerun the command that wrote it") from None
@@ -1896,7 +1896,7 @@ def list_snapshots(run_dir) -> list[dict]:
     return sorted(records, key=lambda r: (r["cycle"], r["base"]))
 
 
-def load_snapshot_model(run_dir, record: dict, device="cpu", check_sha=True) -> GPT:
+def _snapshot_weights(run_dir, record: dict, check_sha: bool) -> tuple[GPTConfig, Path]:
     run = load_run(run_dir)
     path = Path(run_dir) / record["weights"]
     if not path.exists():
@@ -1904,9 +1904,21 @@ def load_snapshot_model(run_dir, record: dict, device="cpu", check_sha=True) -> 
     if check_sha and sha256_file(path) != record["weights_sha256"]:
         raise UsageError(f"{path} does not match the SHA-256 in its record: the file changed since it was written")
     check_run_version(run, run_dir)
-    model = GPT(GPTConfig(**run["model"]))
+    return GPTConfig(**run["model"]), path
+
+
+def load_snapshot_model(run_dir, record: dict, device="cpu", check_sha=True) -> GPT:
+    cfg, path = _snapshot_weights(run_dir, record, check_sha)
+    model = GPT(cfg)
     model.load_state_dict(load_weights(path))
     return model.to(device).eval()
+
+
+def load_snapshot_head(run_dir, record: dict, device, dtype) -> tuple[torch.Tensor, GPTConfig]:
+    """A snapshot's head weight alone (an ensemble member whose body another process holds): the
+    file is memory-mapped, so the rest of it is never read into this process."""
+    cfg, path = _snapshot_weights(run_dir, record, check_sha=True)
+    return load_weights(path, mmap=True)["head.weight"].to(device, dtype, copy=True), cfg  # not a view of the file
 
 
 def load_val_tokens(run: dict) -> np.ndarray:
@@ -2309,12 +2321,11 @@ class BaseTrainer:
         size, rank = self.layout.group_size, self.layout.group_rank
         members = []
         for i, d in enumerate(distil):
-            model = load_snapshot_model(d["run_dir"], d["record"], "cpu").requires_grad_(False)
             if i % size == rank:
-                model = model.to(self.device, dtype)
+                model = load_snapshot_model(d["run_dir"], d["record"]).to(self.device, dtype).requires_grad_(False)
                 members.append(SnapshotTeacher(model, self.compiled(model)))
             else:
-                members.append(MemberHead(model.head.weight.detach().to(self.device, dtype), model.cfg))
+                members.append(MemberHead(*load_snapshot_head(d["run_dir"], d["record"], self.device, dtype)))
         return EnsembleTeacher(members, [d["weight"] for d in distil], self.layout.group)
 
     def chain_distills(self, cycle_index: int) -> bool:
