@@ -60,9 +60,13 @@ def eval_rss(repo: Path, run_dir: Path, out: Path) -> tuple[float, dict]:
     return int(r.stdout.strip().splitlines()[-1]) / 1024, json.loads(out.read_text())
 
 
-def weightings(res: dict) -> int:
-    n = 1 + sum(len([k for k in b if k != "K"]) for b in res["prior"]["budgets"])  # uniform, each budget's
-    return n + sum(1 + ("prior" in c) for c in res.get("curve", []))
+def weightings(run_dir: Path) -> int:
+    """What eval.py scores by default: the uniform ensemble, the prior's weightings, the curve's."""
+    import eval as ev
+    import fit_prior
+    pop, _ = ev.split_students(fit_prior.load_population([str(run_dir)]))
+    _, prior = ev.load_prior(run_dir / "prior.json", pop, None)
+    return 1 + len(prior) + len(ev.curve_weightings(pop, ev.curve_points(len(pop), 64)))
 
 
 def main():
@@ -89,7 +93,7 @@ def main():
     for name, repo in rows:
         rss, res = eval_rss(repo, run_dir, work / f"eval-{name.strip('-').replace(' ', '-')}.json")
         prior = res["prior"]["budgets"][-1]
-        print(f"| {name} | {weightings(res)} | {rss:,.0f} MiB | {res['uniform']['loss']:.6f} | "
+        print(f"| {name} | {weightings(run_dir)} | {rss:,.0f} MiB | {res['uniform']['loss']:.6f} | "
               f"{prior['refitted']['loss']:.6f} |", flush=True)
 
 
