@@ -65,8 +65,8 @@ def weightings(run_dir: Path) -> int:
     import eval as ev
     import fit_prior
     pop, _ = ev.split_students(fit_prior.load_population([str(run_dir)]))
-    _, prior = ev.load_prior(run_dir / "prior.json", pop, None)
-    return 1 + len(prior) + len(ev.curve_weightings(pop, ev.curve_points(len(pop), 64)))
+    _, prior_weightings = ev.load_prior(run_dir / "prior.json", pop, None)
+    return 1 + len(prior_weightings) + len(ev.curve_weightings(pop, ev.curve_points(len(pop), 64)))
 
 
 def main():
