@@ -1582,6 +1582,7 @@ class SnapshotTeacher:
 
     def __init__(self, model: GPT, forward=None):
         self.model, self.forward = model, forward if forward is not None else model  # forward: compiled
+        self.head_weight = model.head.weight
         self.forward_passes = 1
 
     def features(self, idx: torch.Tensor) -> torch.Tensor:
@@ -1629,12 +1630,11 @@ class EnsembleTeacher:
             return torch.stack([m.features(idx) for m in self.members], dim=2)  # (B, T, K, D)
         W, K, B = self.size, len(self.members), idx.size(0)
         rows = torch.cat(all_gather(idx, self.group))                            # (W*B, T)
-        mine = [m.features(rows).to(m.model.head.weight.dtype) for m in self.members[self.rank::W]]  # (W*B, T, D)
-        slots = -(-K // W)                                                       # bodies per rank, padded
-        f = torch.stack(mine + [torch.zeros_like(mine[0])] * (slots - len(mine)), dim=2) if mine else None
-        if f is None:  # more ranks than members: this one sends zeros (the head's dtype and width)
-            head = self.members[0].head_weight
-            f = head.new_zeros(rows.size(0), rows.size(1), slots, head.size(1))
+        # one dtype on every rank (the heads'), and zeros where a rank has fewer bodies than ceil(K/W)
+        mine = [m.features(rows).to(m.head_weight.dtype) for m in self.members[self.rank::W]]  # (W*B, T, D)
+        head = self.members[0].head_weight
+        blank = head.new_zeros(rows.size(0), rows.size(1), head.size(1))
+        f = torch.stack(mine + [blank] * (-(-K // W) - len(mine)), dim=2)      # (W*B, T, slots, D)
         got = all_to_all(list(f.split(B)), self.group)                           # rank s: (B, T, slots, D)
         return torch.stack([got[i % W][:, :, i // W] for i in range(K)], dim=2)  # (B, T, K, D)
 
