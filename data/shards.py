@@ -1,38 +1,155 @@
-"""Writing q0 token shards (.q0t), and what every data command shares: errors, atomic writes,
-manifests and flags checked against their ranges. numpy and the standard library only: data/
-never imports torch or train_q0.py, whose reader (`read_tokens`) is the other half of this format.
+"""q0's ground floor: what every command shares, in numpy and the standard library only.
+
+The one error convention (`UsageError`: one `error:` line, exit code 2, nothing lost), command
+lines whose every flag is checked against its range, hashing, atomic writes (and the fault hook
+the crash tests drive them with), and the token shard format, writer and readers in one place.
+Nothing here imports torch at module level (the Slowrun `.pt` reader imports it inside its one
+function) or any other q0 file: `data/` commands run on it alone, and `q0_run.py` builds on it.
 
 .q0t version 2, little-endian (README, "The shard format"):
   0 magic b"Q0TOKENS" | 8 u32 version | 12 u32 bytes per token (2 or 4) | 16 u64 num_tokens
-  24 u32 vocab_size | 28 u32 bos_id | 32 u64 num_docs | 40 u64 text_bytes | 48 32s tokenizer name
-  80 32s sha256 of the token payload | 112 32s sha256 of the metadata block | 144 u64 payload offset
-  152 u32 command length | zero to 256
-  256: the metadata block: vocab_size x u16, the UTF-8 bytes of each token id (BOS 0), then the
-       command that rebuilds the file (UTF-8), NUL-padded to a multiple of 8
+  24 u32 vocab_size | 28 u32 bos_id | 32 u64 num_docs | 40 u64 text_bytes (UTF-8 bytes of the
+  documents) | 48 32s tokenizer name | 80 32s sha256 of the token payload | 112 32s sha256 of the
+  metadata block | 144 u64 payload offset | 152 u32 command length | zero to 256
+  256: the metadata block: vocab_size x u16, the UTF-8 bytes of each token id (BOS 0, what bits
+       per byte divides by), then the command that rebuilds the file (UTF-8), NUL-padded to a
+       multiple of 8
   payload offset: num_tokens token ids
+Version 1 (still read): the payload follows the 256-byte header; no metadata block.
+Every document starts with bos_id, so document boundaries are recoverable from tokens alone.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import functools
 import hashlib
 import json
 import math
 import os
+import shutil
+import signal
 import struct
 import sys
 from pathlib import Path
 
 import numpy as np
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = b"Q0TOKENS", 2, 256
-SHARD_STRUCT = struct.Struct("<8sIIQIIQQ32s32s32sQI")
-MANIFEST = "manifest.json"  # beside the shards: settings, sources, files and the rebuilding command
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class DataError(Exception):
-    """Bad input or data on disk: one `error:` line, exit code 2, nothing overwritten."""
+# --- errors: one convention for every command -------------------------------------------------
 
+class UsageError(Exception):
+    """Bad input (flags, data, files, disk): reported as one `error: ...` line, exit code 2, with
+    nothing the user has overwritten. Raised anywhere; caught once, by a command's main."""
+
+
+class DataError(UsageError):
+    """Data on disk that cannot be used as it is; the message names the command that rebuilds it."""
+
+
+class DiskError(UsageError):
+    """A write that the disk refused: full, or read-only. Nothing under a real name was touched."""
+
+
+def command(main):
+    """A command's main: a UsageError raised anywhere inside becomes one `error:` line on stderr and
+    the return value 2 (`sys.exit(main())` makes it the exit code); otherwise main's value, or 0."""
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs) or 0
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+    return run
+
+
+# --- command lines: one error line, every flag checked against its range ----------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: one `error: ...` line and exit code 2, no usage block."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+# Every flag's meaningful values, checked once right after parsing. Every flag has an entry (a
+# test enumerates the parser): a flag added without one fails the tests.
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """kind "number": finite, within [lo, hi] (an end left out when open), or one of `also`
+    (0 for "all", say); "text", "path", "choice", "switch": argparse or the code checks them."""
+    kind: str = "number"
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()
+
+    def accepts(self, value) -> bool:
+        if self.kind != "number" or value is None or value in self.also:
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def says(self, integer: bool = False) -> str:
+        ends = ([f"{'>' if self.lo_open else '>='} {self.lo:g}"] if self.lo is not None else []) + \
+               ([f"{'<' if self.hi_open else '<='} {self.hi:g}"] if self.hi is not None else [])
+        return ("an integer " if integer else "a finite number ") + " and ".join(ends) \
+            + "".join(f" (or {a:g})" for a in self.also)
+
+
+def at_least(lo, **kw) -> Range:
+    return Range(lo=lo, **kw)
+
+
+TEXT, PATH, CHOICE, SWITCH = Range("text"), Range("path"), Range("choice"), Range("switch")
+
+
+UNIT = Range(lo=0, hi=1)  # a fraction, both ends allowed
+
+
+def range_errors(parser: argparse.ArgumentParser, args: argparse.Namespace, ranges: dict) -> list[str]:
+    """One message per flag whose value is outside its declared range."""
+    out = []
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        rule = ranges[action.dest]  # a KeyError here is a flag without a declared range
+        value = getattr(args, action.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not rule.accepts(v):
+                flag = action.option_strings[0] if action.option_strings else action.dest
+                out.append(f"{flag} {v:g}: expected {rule.says(action.type is int)}")
+                break
+    return out
+
+
+def parse_checked(parser: argparse.ArgumentParser, ranges: dict, argv=None) -> argparse.Namespace:
+    """Parse, then check every flag against its declared range: the first failure is a UsageError."""
+    args = parser.parse_args(argv)
+    errors = range_errors(parser, args, ranges)
+    if errors:
+        raise UsageError(errors[0])
+    return args
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The destinations of the flags the user typed, not left to a default or a preset. `parser`,
+    a fresh one, is spent: its defaults are cleared so that only typed flags are set."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+# --- files: hashing, atomic writes (a crash never leaves half a file under a real name) --------
 
 def sha256_file(path) -> str:
     h = hashlib.sha256()
@@ -42,20 +159,114 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Write a temporary file, then rename: a crash never leaves half a file under the real name."""
+# Fault injection for the crash tests: Q0_FAULT=kill:N SIGKILLs this process just before its N-th
+# commit (a rename, link or unlink that changes what a name holds), stop:N freezes it there
+# (SIGSTOP: a hung node), enospc:N makes that commit's write fail as on a full disk.
+# Q0_FAULT_RANK limits it to one torchrun rank. Nothing else reads these variables.
+_COMMITS = [0]
+
+
+def _fault(kind: str) -> bool:
+    """Count one commit; act on Q0_FAULT when this is the one it names."""
+    if kind == "commit":
+        _COMMITS[0] += 1
+    spec = os.environ.get("Q0_FAULT", "")
+    if not spec or os.environ.get("Q0_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return False
+    action, _, n = spec.partition(":")
+    if int(n) != _COMMITS[0] + (kind == "write"):
+        return False
+    if kind == "commit" and action in ("kill", "stop"):
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
+    return kind == "write" and action == "enospc"
+
+
+def _commit(op, *paths):
+    """Every change of what a name holds goes through here (os.replace, os.rename, os.link, unlink)."""
+    _fault("commit")
+    op(*paths)
+
+
+def _tmp_name(path: Path) -> Path:
+    """One temporary name per file, the same in every process: one writer per run (RunLock) and
+    per output (claim_output) means a rerun reuses what a killed writer left instead of adding to it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _disk_error(path: Path, size: int | None, err: BaseException) -> DiskError | None:
+    """One line for a full disk or a read-only folder; None for any other failure."""
+    code = getattr(err, "errno", None)
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return DiskError(f"cannot write {path}: {os.strerror(code)}; make {path.parent} writable (or write "
+                         f"elsewhere), then rerun the same command")
+    free = shutil.disk_usage(next(p for p in path.parents if p.exists())).free
+    # torch.save reports a full disk as a RuntimeError without errno ("unexpected pos ..."): the
+    # free space left says what happened
+    if code in (errno.ENOSPC, errno.EDQUOT) or (isinstance(err, RuntimeError) and free < max(size or 0, 1 << 20)):
+        need = f"{_human(size)}" if size else "more space"
+        return DiskError(f"no space left for {path}: it needs {need}, {_human(free)} free on its disk; free "
+                         f"some space (or write elsewhere), then rerun the same command")
+    return None
+
+
+def atomic_write(path, write, size: int | None = None, replace: bool = True):
+    """Write through a temporary file, then commit it under its real name: os.replace, or with
+    replace=False os.link, which refuses a name that exists. `size`, the bytes the file will take,
+    turns a full disk into one line before anything is written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _tmp_name(path)
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if size is not None and shutil.disk_usage(path.parent).free < size:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if _fault("write"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(tmp)
+        _commit(os.replace if replace else os.link, tmp, path)
+    except FileExistsError:
+        raise UsageError(f"{path} exists and is never overwritten; choose another path") from None
+    except (OSError, RuntimeError) as e:
+        raise _disk_error(path, size, e) or e
     finally:
-        if tmp.exists():
+        if os.path.lexists(tmp):  # (unlink of a missing name fails on a read-only disk)
             tmp.unlink()
 
 
-# --- the shard -------------------------------------------------------------------------------
+def atomic_write_bytes(path, data: bytes, replace: bool = True):
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), size=len(data), replace=replace)
+
+
+def atomic_write_text(path, text: str, replace: bool = True):
+    atomic_write(path, lambda tmp: tmp.write_text(text), size=len(text.encode()), replace=replace)
+
+
+def atomic_save_npy(path, array: np.ndarray):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    atomic_write(path, write, size=array.nbytes + 4096)
+
+
+# --- the shard format: writer --------------------------------------------------------------------
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_VERSIONS, SHARD_HEADER_BYTES = b"Q0TOKENS", 2, (1, 2), 256
+SHARD_STRUCT = struct.Struct("<8sIIQIIQQ32s32s32sQI")
+MANIFEST = "manifest.json"  # beside the shards: settings, sources, files and the rebuilding command
+MODDED_MAGIC, MODDED_VERSION = 20240520, 1
+
+
+# The commands that build the default --data-dir of each preset: named when that folder is empty.
+DEFAULT_DATA_COMMANDS = {"data/shakespeare/bytes": "python data/shakespeare.py --tokenizer bytes",
+                         "data/shakespeare/gpt2": "python data/shakespeare.py --tokenizer gpt2",
+                         "data/fineweb": "python data/fineweb.py"}
+
 
 def encode_shard(tokens: np.ndarray, *, vocab_size: int, bos_id: int, tokenizer: str,
                  token_bytes: np.ndarray, command: str) -> tuple[bytes, dict]:
@@ -98,6 +309,182 @@ def write_shard(path, tokens: np.ndarray, **fields) -> dict:
         return info
     atomic_write_bytes(path, raw)
     return info
+
+
+# --- the shard format: readers (ours, and the two formats Slowrun and modded-nanogpt users have) ---
+
+def _rebuild_hint(path, recorded: str | None = None) -> str:
+    """The command that rebuilds a data file: the one it (or the manifest beside it) records, or,
+    for a folder with neither, the data command that makes such a folder."""
+    if recorded:
+        return recorded
+    folder = Path(path) if Path(path).is_dir() or not Path(path).suffix else Path(path).parent
+    try:
+        return json.loads((folder / "manifest.json").read_text())["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for default, command in DEFAULT_DATA_COMMANDS.items():
+        if folder.resolve() == (REPO_ROOT / default).resolve() or folder == Path(default):
+            return command
+    if Path(path).suffix in (".pt", ".bin"):  # FineWeb in Slowrun's or modded-nanogpt's layout
+        return "python data/fineweb.py"
+    return f"python data/text.py YOUR_TEXT --tokenizer bytes --out {folder}"
+
+
+@dataclasses.dataclass
+class TokenFile:
+    tokens: np.ndarray
+    vocab_size: int
+    bos_id: int
+    tokenizer: str
+    text_bytes: int | None  # None: not recorded by the format
+    path: str
+    format: str
+    token_bytes: np.ndarray | None = None  # UTF-8 bytes of every token id (BOS 0); None: not recorded
+    command: str | None = None             # the command that rebuilds the file, as recorded in it
+
+
+def _read_q0t(path: Path) -> TokenFile:
+    raw = path.read_bytes()
+    if len(raw) < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: truncated header ({len(raw)} bytes); rebuild it with: {_rebuild_hint(path)}")
+    magic, version, tok_bytes, n, vocab, bos, _docs, text_bytes, tok_name, digest, meta_digest, offset, cmd_len = \
+        SHARD_STRUCT.unpack_from(raw)
+    if magic != SHARD_MAGIC:
+        raise DataError(f"{path}: not a q0 token shard (bad magic); rebuild it with: {_rebuild_hint(path)}")
+    if version not in SHARD_VERSIONS:
+        raise DataError(f"{path}: shard version {version}, this code reads versions 1 and 2; "
+                        f"rebuild it with: {_rebuild_hint(path)}")
+    token_bytes, command = None, None
+    if version == 1:
+        offset = SHARD_HEADER_BYTES
+    else:
+        meta = memoryview(raw)[SHARD_HEADER_BYTES:offset]
+        if offset > len(raw) or 2 * vocab + cmd_len > len(meta) or hashlib.sha256(meta).digest() != meta_digest:
+            raise DataError(f"{path}: metadata do not match the SHA-256 in the header (corrupted or truncated); "
+                            f"rebuild it with: {_rebuild_hint(path)}")
+        token_bytes = np.frombuffer(raw, dtype="<u2", count=vocab, offset=SHARD_HEADER_BYTES).astype(np.int64)
+        command = bytes(meta[2 * vocab:2 * vocab + cmd_len]).decode("utf-8", errors="replace")
+    hint = _rebuild_hint(path, command)
+    if tok_bytes not in (2, 4) or len(raw) != offset + n * tok_bytes:
+        raise DataError(f"{path}: size {len(raw)} bytes does not match the header's {n} tokens "
+                        f"(truncated?); rebuild it with: {hint}")
+    tok_name = tok_name.rstrip(b"\0").decode("ascii", errors="replace")
+    if hashlib.sha256(memoryview(raw)[offset:]).digest() != digest:
+        raise DataError(f"{path}: tokens do not match the SHA-256 in the header (corrupted); rebuild it with: {hint}")
+    if version == 1 and tok_name == "bytes":  # one byte per id but BOS, by the tokenizer's definition
+        token_bytes = np.ones(vocab, dtype=np.int64)
+        token_bytes[bos] = 0
+    tokens = np.frombuffer(raw, dtype=np.uint16 if tok_bytes == 2 else np.uint32, offset=offset)
+    return TokenFile(tokens, vocab, bos, tok_name, text_bytes, str(path), "q0", token_bytes, command)
+
+
+def _read_modded_bin(path: Path) -> TokenFile:
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    if header.size < 256 or header[0] != MODDED_MAGIC or header[1] != MODDED_VERSION:
+        raise DataError(f"{path}: not a modded-nanogpt shard (magic {MODDED_MAGIC}, version 1); "
+                        f"rebuild it with: {_rebuild_hint(path)}")
+    n = int(header[2])
+    tokens = np.fromfile(path, dtype=np.uint16, offset=256 * 4)
+    if tokens.size != n:
+        raise DataError(f"{path}: holds {tokens.size} tokens, header says {n} (truncated?); "
+                        f"rebuild it with: {_rebuild_hint(path)}")
+    return TokenFile(tokens, 50257, 50256, "gpt2", None, str(path), "modded")
+
+
+def _read_slowrun_pt(path: Path) -> TokenFile:
+    import torch  # the one reader that needs it: Slowrun saved its tokens with torch.save
+    try:
+        d = torch.load(path, weights_only=True, map_location="cpu")
+        tokens = d["tokens"].numpy() if torch.is_tensor(d["tokens"]) else np.asarray(d["tokens"])
+        bos = int(d.get("bos_id", 50256))
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise DataError(f"{path}: not a readable Slowrun token file ({type(e).__name__}); "
+                        f"rebuild it with: {_rebuild_hint(path)}") from None
+    return TokenFile(tokens, int(d.get("vocab_size", 50257)), bos, "gpt2", None, str(path), "slowrun")
+
+
+def read_tokens(path, expect_vocab: int | None = None) -> TokenFile:
+    """Read any of the three formats, check it, and fail with one line that names the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} not found; build it with: {_rebuild_hint(path)}")
+    if path.suffix == ".pt":
+        tf = _read_slowrun_pt(path)
+    elif path.suffix == ".bin":
+        tf = _read_modded_bin(path)
+    else:
+        tf = _read_q0t(path)
+    hint = _rebuild_hint(path, tf.command)
+    if expect_vocab is not None and tf.vocab_size != expect_vocab:
+        raise DataError(f"{path}: vocabulary {tf.vocab_size} does not match the model's {expect_vocab}; "
+                        f"rebuild the data with the model's tokenizer ({hint})")
+    if tf.tokens.size < 2 or int(tf.tokens.max()) >= tf.vocab_size:
+        raise DataError(f"{path}: token ids outside the vocabulary of {tf.vocab_size}, or fewer than 2 tokens; "
+                        f"rebuild it with: {hint}")
+    return tf
+
+
+def find_split(data_dir, split: str) -> list[Path]:
+    """The file(s) of one split in any of the three layouts, ours first."""
+    d = Path(data_dir)
+    for candidate in (d / f"{split}.q0t", d / f"fineweb_{split}.pt"):
+        if candidate.exists():
+            return [candidate]
+    modded = sorted(d.glob(f"*_{split}_*.bin"))
+    if modded:
+        return modded
+    if d.is_dir() and any(p.suffix in (".txt", ".md", ".jsonl") for p in d.iterdir()):
+        raise DataError(f"{d} holds text, not token shards; make them with: python data/text.py {d} "
+                        f"--tokenizer bytes --out {d}-q0, then pass --data-dir {d}-q0")
+    raise DataError(f"no {split} data in {d} (looked for {split}.q0t, fineweb_{split}.pt, *_{split}_*.bin); "
+                    f"build it with: {_rebuild_hint(d)}")
+
+
+def load_split(data_dir, split: str) -> TokenFile:
+    files = [read_tokens(p) for p in find_split(data_dir, split)]
+    first = files[0]
+    for f in files[1:]:
+        if (f.vocab_size, f.tokenizer) != (first.vocab_size, first.tokenizer):
+            raise DataError(f"{f.path}: tokenizer differs from {first.path}; rebuild with {_rebuild_hint(f.path)}")
+    if len(files) == 1:
+        return first
+    text = None if any(f.text_bytes is None for f in files) else sum(f.text_bytes for f in files)
+    return dataclasses.replace(first, tokens=np.concatenate([f.tokens for f in files]), text_bytes=text,
+                               path=",".join(f.path for f in files))
+
+
+# --- documents in a token stream ----------------------------------------------------------------
+
+def doc_starts(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+    starts = np.flatnonzero(tokens == bos_id)
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    return starts
+
+
+def carve_fitness(tokens: np.ndarray, bos_id: int, fitness_tokens: int):
+    """Split whole documents off the front of the training stream: (fitness, train).
+
+    The fitness set is identical for every member and never trained on; it is where the prior is
+    fitted, so it must not be the validation set.
+    """
+    starts = np.append(doc_starts(tokens, bos_id), tokens.size)
+    cut_index = int(np.searchsorted(starts, fitness_tokens, side="left"))
+    if cut_index >= starts.size - 1:
+        raise UsageError(f"the fitness set (--fitness-tokens {fitness_tokens}, whole documents) would take all "
+                         f"{tokens.size} training tokens; lower --fitness-tokens")
+    cut = int(starts[max(cut_index, 1)])
+    return tokens[:cut], tokens[cut:]
+
+
+def tokens_sha256(tokens: np.ndarray) -> str:
+    """Identity of a token sequence, independent of how it was stored (hashed in chunks: the
+    training set of a real run is 100M tokens)."""
+    h = hashlib.sha256()
+    for s in range(0, tokens.size, 1 << 22):
+        h.update(np.ascontiguousarray(tokens[s:s + (1 << 22)], dtype="<i8").tobytes())
+    return h.hexdigest()
 
 
 # --- the manifest ----------------------------------------------------------------------------
@@ -143,76 +530,3 @@ def verify_files(folder: Path, manifest: dict):
         if not path.exists() or sha256_file(path) != info["sha256"]:
             raise DataError(f"{path} is missing or does not match its SHA-256 in {Path(folder) / MANIFEST}; "
                             f"move {folder} away and rerun: {manifest.get('command', 'the data command')}")
-
-
-# --- command lines: one error line, every flag checked against its range ----------------------
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one `error: ...` line and exit code 2 (no usage block)."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-# Range mirrors train_q0.Range: data/ runs without torch and train_q0.py imports no project module,
-# so neither can import the other; tests/test_bad_input.py checks that the two agree.
-@dataclasses.dataclass(frozen=True)
-class Range:
-    """A flag's meaningful values. kind "number": finite, within [lo, hi] (an end is left out when
-    open), or one of `also` (0 for "all", say); "text", "path", "choice", "switch": argparse or
-    the command itself checks them. Every flag of every command has one (a test enforces it)."""
-    kind: str = "number"
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    also: tuple = ()
-
-    def accepts(self, value) -> bool:
-        if self.kind != "number" or value is None:
-            return True
-        if value in self.also:
-            return True
-        if not math.isfinite(value):
-            return False
-        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
-            return False
-        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
-
-    def says(self, integer: bool = False) -> str:
-        ends = ([f"{'>' if self.lo_open else '>='} {self.lo:g}"] if self.lo is not None else []) + \
-               ([f"{'<' if self.hi_open else '<='} {self.hi:g}"] if self.hi is not None else [])
-        return ("an integer " if integer else "a finite number ") + " and ".join(ends) \
-            + "".join(f" (or {a:g})" for a in self.also)
-
-
-def at_least(lo, **kw) -> Range:
-    return Range(lo=lo, **kw)
-
-
-TEXT, PATH, CHOICE, SWITCH = Range("text"), Range("path"), Range("choice"), Range("switch")
-
-
-def range_errors(parser: argparse.ArgumentParser, args: argparse.Namespace, ranges: dict) -> list[str]:
-    """One message per flag whose value is outside its declared range."""
-    out = []
-    for action in parser._actions:
-        if action.dest == "help":
-            continue
-        rule = ranges[action.dest]  # a KeyError here is a flag without a declared range
-        value = getattr(args, action.dest, None)
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not rule.accepts(v):
-                flag = action.option_strings[0] if action.option_strings else action.dest
-                out.append(f"{flag} {v:g}: expected {rule.says(action.type is int)}")
-                break
-    return out
-
-
-def parse_checked(parser: ArgumentParser, ranges: dict, argv=None) -> argparse.Namespace:
-    args = parser.parse_args(argv)
-    errors = range_errors(parser, args, ranges)
-    if errors:
-        parser.error(errors[0])
-    return args
