@@ -186,18 +186,58 @@ class RunLock:
         return out
 
 
-def claim_output(path) -> int:
-    """Hold `path` for this process until it exits: an flock on the file's temporary name, which
-    a second fit_prior.py or eval.py writing the same file meets at once. Returns the fd (keep it)."""
-    tmp = _tmp_name(Path(path))
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+def _exists(path, flag: str) -> UsageError:
+    return UsageError(f"{path} exists and is never overwritten; choose another path with {flag}")
+
+
+@contextlib.contextmanager
+def claim_output(path, flag: str = "--out", hold: bool = True):
+    """A command's output (fit_prior.py's prior, eval.py's results), claimed before any work so
+    nothing is computed for nothing: a file that exists is refused (never overwritten), and so is
+    one another process is writing, at once. Held until the `with` ends, however it ends (one
+    process may run several commands). hold=False: refuse what a writer would, hold nothing (the
+    ranks that do not write). An flock on the file's temporary name, not RunLock's record locks:
+    atomic_write opens and closes that name, which would drop a record lock but not an flock."""
+    path = Path(path)
+    if path.exists():
+        raise _exists(path, flag)
+    if not hold:
+        yield None
+        return
+    tmp = _tmp_name(path)
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a read-only folder, a path under a file
+        raise UsageError(f"cannot write {path} ({e.strerror}); choose a writable path with {flag}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise UsageError(f"{path} is being written by another process; wait for it to finish") from None
-    return fd
+    try:
+        yield fd
+    finally:
+        with contextlib.suppress(OSError):  # a command that stopped before writing leaves no temporary
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                tmp.unlink()
+        os.close(fd)
+
+
+def write_output(path, content, flag: str = "--out", replace: bool = False):
+    """Write a command's output atomically; unless replace, never over a file: it is linked into
+    place, which fails if the name exists, even one that appeared a moment ago. `content`: the
+    text, or a function that writes the file it is given (a figure)."""
+    write = content if callable(content) else (lambda tmp: tmp.write_text(content))
+    try:
+        atomic_write(path, write, size=None if callable(content) else len(content.encode()), replace=replace)
+    except UsageError:
+        if Path(path).exists() and not replace:
+            raise _exists(path, flag) from None
+        raise
+    except OSError as e:  # not a full disk or a read-only folder (atomic_write says those itself)
+        raise UsageError(f"cannot write {e.filename or path} ({e.strerror}); choose a writable path with "
+                         f"{flag}") from None
 
 
 # =============================================================================================
@@ -355,6 +395,13 @@ def read_json(path, fix: str) -> dict:
         raise UsageError(f"{path} is unreadable or not whole JSON ({type(e).__name__}); {fix}") from None
 
 
+def json_header(kind: str, version: int) -> dict:
+    """The first keys of every JSON file q0 writes (run.json "q0-run", prior.json "q0-prior",
+    eval.json "q0-eval"): what it is, its format's version, when it was written (UTC)."""
+    return {"format": kind, "version": version,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 SNAPSHOT_FILES = ("weights", "fitness_probs", "val_probs")
 
 
@@ -495,6 +542,11 @@ def _mkdir(path: Path):
         raise _disk_error(path, None, e) or e
 
 
+def epochs_per_base(cycles: list) -> float:
+    """The epochs one base trains: its cycles' (the budget is this times the bases)."""
+    return sum(c.epochs for c in cycles)
+
+
 def code_files(exp) -> list[Path]:
     """The project files a training run imports: the experiment, this module, the ground floor."""
     return [Path(exp.__file__).resolve(), Path(__file__).resolve(), Path(shards.__file__).resolve()]
@@ -523,15 +575,14 @@ def prepare_run_dir(args, data: RunData, model_cfg, cycles: list, population: di
     _mkdir(building / "snapshots")
     _mkdir(building / "checkpoints")
     lock = RunLock(building, 0)
-    epochs_per_base = sum(c.epochs for c in cycles)
+    per_base = epochs_per_base(cycles)
     run = {
-        "format": "q0-run", "version": RUN_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **json_header("q0-run", RUN_VERSION),
         "population_config": population, "model": dataclasses.asdict(model_cfg),
         "tokenizer": data.tokenizer, "vocab_size": data.vocab_size, "bos_id": data.bos_id,
         "seq_len": args.seq_len, **data.describe,
         "layout": {"bases": args.bases, "cycles": [dataclasses.asdict(c) for c in cycles],
-                   "epochs_per_base": epochs_per_base, "epoch_budget": epochs_per_base * args.bases},
+                   "epochs_per_base": per_base, "epoch_budget": per_base * args.bases},
         "code": {_code_name(p): sha256_file(p) for p in code},
     }
     atomic_write_text(building / "run.json", json.dumps(run, indent=1))
@@ -803,8 +854,6 @@ def make_layout(args, world: int, rank: int, cycles: list, cap: int, create_grou
 # torch.distributed._tools.mem_tracker.MemTracker.
 
 SLOWRUN_SPLIT = dict(train=100_000_000, val=10_000_000, vocab=50257)  # assumed when the data is not there yet
-
-
 GIB = 2 ** 30
 
 
@@ -935,7 +984,7 @@ def plan_run(exp: Experiment, args, cfg, cycles: list, target: PlanTarget, devic
     return {
         "target": dataclasses.asdict(target), "device_batch": device_batch,
         "checkpoint_activations": args.checkpoint_activations, "mfu": args.mfu, "peak_tflops": args.peak_tflops,
-        "epochs_per_base": sum(c.epochs for c in cycles), "groups": groups, "group_size": group_size, "params": step["params"],
+        "epochs_per_base": epochs_per_base(cycles), "groups": groups, "group_size": group_size, "params": step["params"],
         "student_flops_per_token": plain["student_flops_per_token"], "teacher_flops_per_token": fwd,
         "optimizer_flops_per_step": plain["optimizer_flops"],
         "step_tokens": args.batch_seqs * cfg.seq_len,
@@ -1158,10 +1207,7 @@ def _refused(world: int, error: BaseException | None):
     if world > 1:
         failed = all_reduce_(torch.tensor([0.0 if error is None else 1.0])).item() > 0
         if failed:
-            if PROCESS.peers is not None:
-                PROCESS.peers.close()
-            dist.destroy_process_group()
-            PROCESS.peers = None
+            _teardown()
             if error is None or PROCESS.rank != 0:
                 error = UsageError("refused on another rank")
                 error.quiet = True
@@ -1258,11 +1304,16 @@ def finish(run: Run) -> int:
         run.log.line(f"done: {population_line(pop)} | next: python fit_prior.py {run.run_dir} && "
                      f"python eval.py {run.run_dir} --prior {run.run_dir}/prior.json")
     if run.layout.world > 1:
-        if PROCESS.peers is not None:
-            PROCESS.peers.close()
-            PROCESS.peers = None
-        dist.destroy_process_group()
+        _teardown()
     return 0
+
+
+def _teardown():
+    """The heartbeats stop before the process group (and its store) goes."""
+    if PROCESS.peers is not None:
+        PROCESS.peers.close()
+        PROCESS.peers = None
+    dist.destroy_process_group()
 
 
 def dry_run(exp: Experiment, args) -> int:

@@ -76,9 +76,6 @@ PRESETS = {
 }
 
 
-# Without --device-batch, the largest device batch up to the preset's (or this) that divides.
-DEVICE_BATCH_CAP = 8
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = shards.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -241,11 +238,7 @@ class Recipe:
 
 
 CPU_RECIPE = Recipe(one_base=32, first_max=8, cycle_max=1)
-
-
 RECIPES = {"slowrun": Recipe(one_base=128, first_max=16, cycle_max=2), "cpu": CPU_RECIPE, "tiny": CPU_RECIPE}
-
-
 RECIPE_LAYOUT_FLAGS = ("bases", "cycles", "cycle_epochs", "first_cycle_epochs")
 
 
@@ -306,19 +299,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def model_config(args, vocab_size: int) -> GPTConfig:
-    cfg = GPTConfig(vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
-                    mlp_hidden=args.mlp_hidden, seq_len=args.seq_len, short_window=args.short_window,
-                    dropout=args.dropout, loop_start=args.loop_layers[0], loop_end=args.loop_layers[1],
-                    loop_repeats=args.loop_repeats, iha=args.iha, mtp_weight=args.mtp_weight,
-                    zero_out_init=args.zero_out_init)
-    cfg.check()
-    return cfg
-
-
 def device_batch_cap(args) -> int:
-    """The most sequences per forward pass when --device-batch is not given: the preset's cap."""
-    return PRESETS[args.preset].get("device_batch", DEVICE_BATCH_CAP)
+    """Without --device-batch: the largest device batch, up to the preset's (or 8), that divides."""
+    return PRESETS[args.preset].get("device_batch", 8)
 
 
 # =============================================================================================
@@ -400,8 +383,6 @@ def flex_attend(q, k, v, window: int) -> torch.Tensor:
 # through one extra block and the shared head.
 
 GATE_CHANNELS = 12        # the attention output gate reads x[..., :12]
-
-
 VALUE_GATE_CHANNELS = 32  # the value-embedding gate reads x[..., :32]
 
 
@@ -456,6 +437,17 @@ class GPTConfig:
                 self.encoder_layers <= self.loop_start < self.loop_end <= self.n_layer):
             raise UsageError(f"--loop-layers {self.loop_start} {self.loop_end}: the looped block must lie in the "
                              f"decoder, layers {self.encoder_layers} to {self.n_layer} of --n-layer {self.n_layer}")
+
+
+def model_config(args, vocab_size: int) -> GPTConfig:
+    """The model the flags describe (checked: one line naming the flag it cannot take)."""
+    cfg = GPTConfig(vocab_size=vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
+                    mlp_hidden=args.mlp_hidden, seq_len=args.seq_len, short_window=args.short_window,
+                    dropout=args.dropout, loop_start=args.loop_layers[0], loop_end=args.loop_layers[1],
+                    loop_repeats=args.loop_repeats, iha=args.iha, mtp_weight=args.mtp_weight,
+                    zero_out_init=args.zero_out_init)
+    cfg.check()
+    return cfg
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
