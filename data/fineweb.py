@@ -37,9 +37,11 @@ from tqdm import tqdm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as `python data/fineweb.py`: make `data` importable
     sys.path.insert(0, str(REPO_ROOT))
-from data.shards import (CHOICE, MANIFEST, PATH, TEXT, ArgumentParser, DataError, at_least,  # noqa: E402
-                         parse_checked, sha256_file, write_shard)
-from data.tokenizers import TokenizerUnavailable, get_tokenizer  # noqa: E402
+from data.shards import (CHOICE, MANIFEST, MODDED_MAGIC, MODDED_VERSION, PATH, TEXT,  # noqa: E402
+                         ArgumentParser, DataError, at_least, atomic_write_bytes, command, parse_checked,
+                         sha256_file, write_shard)
+from data.text import os_error  # noqa: E402
+from data.tokenizers import get_tokenizer  # noqa: E402
 
 SOURCES = {
     "pretokenized": dict(repo="kjj0/fineweb10B-gpt2", revision="889765ea1f903759787add96995d81171b632d0c"),
@@ -47,7 +49,6 @@ SOURCES = {
 }
 DEFAULT_OUT = REPO_ROOT / "data" / "fineweb"
 SIDECAR = MANIFEST
-MODDED_MAGIC, MODDED_VERSION = 20240520, 1
 DOWNLOAD_ATTEMPTS = 4  # each also retried inside huggingface_hub, for about 20 s
 
 
@@ -183,11 +184,15 @@ def verify_existing(out: Path, settings: dict) -> dict | None:
                 raise DataError(f"{shard} exists without {sidecar} (an interrupted build?); "
                                 "move it away and rerun")
         return None
-    recorded = json.loads(sidecar.read_text())
-    if recorded["settings"] != settings:
-        raise DataError(f"{out} holds a different split ({recorded['settings']}); pass --out for a new one")
-    for shard in shards:
-        if not shard.exists() or sha256_file(shard) != recorded["files"][shard.name]["sha256"]:
+    try:
+        recorded = json.loads(sidecar.read_text())
+        digests = {shard: recorded["files"][shard.name]["sha256"] for shard in shards}
+    except (ValueError, KeyError, TypeError):  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise DataError(f"{sidecar} is not a manifest this command wrote; move {out} away and rerun") from None
+    if recorded.get("settings") != settings:
+        raise DataError(f"{out} holds a different split ({recorded.get('settings')}); pass --out for a new one")
+    for shard, digest in digests.items():
+        if not shard.exists() or sha256_file(shard) != digest:
             raise DataError(f"{shard} is missing or does not match its SHA-256 in {sidecar}; "
                             f"move {out} away and rerun")
     return recorded
@@ -212,9 +217,7 @@ def build(out: Path, settings: dict, fetch, workers: int, command: str) -> dict:
                                                 bos_id=tokenizer.bos_id, tokenizer=tokenizer.name,
                                                 token_bytes=byte_lengths, command=command)
     recorded = dict(command=command, settings=settings, files=files)
-    tmp = out / f".{SIDECAR}.tmp"
-    tmp.write_text(json.dumps(recorded, indent=2) + "\n")
-    tmp.replace(out / SIDECAR)
+    atomic_write_bytes(out / SIDECAR, (json.dumps(recorded, indent=2) + "\n").encode())
     return recorded
 
 
@@ -246,7 +249,8 @@ def canonical_command(args) -> str:
     return shlex.join(words)
 
 
-def main(argv=None):
+@command
+def main(argv=None) -> int:
     args = parse_checked(build_parser(), RANGES, argv)
 
     source = SOURCES[args.source]
@@ -255,6 +259,8 @@ def main(argv=None):
     settings = dict(source=args.source, origin=origin, val_tokens=args.val_tokens, train_tokens=args.train_tokens)
     started = time.perf_counter()
     try:
+        if args.out.exists() and not args.out.is_dir():
+            raise DataError(f"--out {args.out} is a file; give a folder")
         if args.source == "parquet" and importlib.util.find_spec("pyarrow") is None:
             raise DataError("--source parquet reads Parquet with pyarrow: pip install pyarrow "
                             "(or use the default --source pretokenized, which needs only numpy)")
@@ -264,17 +270,14 @@ def main(argv=None):
             fetch = (folder_fetcher(args.local_dir) if args.local_dir
                      else hub_fetcher(source["repo"], args.revision or source["revision"]))
             recorded, verb = build(args.out, settings, fetch, args.workers, canonical_command(args)), "built"
-    except (DataError, TokenizerUnavailable) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # a read-only --out, a full disk
-        print(f"error: {e.strerror or e}: {e.filename}; check the path and its permissions", file=sys.stderr)
-        sys.exit(2)
+    except OSError as e:  # what the file system refused (a full or read-only disk is a DiskError already)
+        raise os_error(e) from None
     for name, info in recorded["files"].items():
         print(f"{args.out / name}: {info['bytes']:,} bytes, {info['tokens']:,} tokens, {info['docs']:,} documents, "
               f"sha256 {info['sha256']}")
     print(f"{verb} from {origin} in {time.perf_counter() - started:.1f}s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

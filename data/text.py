@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python data/text.py`: make `data` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.shards import (CHOICE, PATH, TEXT, ArgumentParser, DataError, Range, at_least,  # noqa: E402
-                         check_or_write_manifest, parse_checked, recorded_manifest, refuse_other_build,
-                         verify_files, write_shard)
-from data.tokenizers import TokenizerUnavailable, get_tokenizer  # noqa: E402
+from data.shards import (CHOICE, PATH, TEXT, ArgumentParser, DataError, Range, UsageError,  # noqa: E402
+                         at_least, check_or_write_manifest, command, parse_checked, recorded_manifest,
+                         refuse_other_build, verify_files, write_shard)
+from data.tokenizers import get_tokenizer  # noqa: E402
 
 SUFFIXES = (".txt", ".md", ".jsonl")
 DEFAULT_VAL_FRACTION = 0.1
@@ -261,7 +261,14 @@ def canonical_command(args) -> str:
     return shlex.join(words + ["--out", str(args.out)])
 
 
-def main(argv=None):
+def os_error(e: OSError) -> UsageError:
+    """What the file system refused (an unreadable source, say) as one line, for every data command.
+    A full or read-only disk under a file being written is a DiskError already (atomic_write)."""
+    return UsageError(f"{e.strerror or e}: {e.filename}; check the path and its permissions")
+
+
+@command
+def main(argv=None) -> int:
     args = parse_checked(build_parser(), RANGES, argv)
     if args.val_docs is not None:
         val = {"docs": args.val_docs}
@@ -281,12 +288,8 @@ def main(argv=None):
                             f"under a SOURCE, e.g. {sources[0].name}")
         manifest, verified = build(sources, tokenizer_name=args.tokenizer, out=args.out, val=val,
                                    command=canonical_command(args), field=args.field, workers=args.workers)
-    except (DataError, TokenizerUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # a read-only --out, a full disk, an unreadable source
-        print(f"error: {e.strerror or e}: {e.filename}; check the path and its permissions", file=sys.stderr)
-        sys.exit(2)
+    except OSError as e:  # an unreadable source, say
+        raise os_error(e) from None
     total = sum(s["bytes"] for s in manifest["sources"])
     print(f"sources: {len(manifest['sources']):,} files, {total:,} bytes, "
           f"{sum(s['docs'] for s in manifest['sources']):,} documents "
@@ -294,7 +297,8 @@ def main(argv=None):
           f"{manifest['duplicates_of_val_dropped']} duplicates of validation documents dropped)")
     report(args.out, manifest, verified, time.perf_counter() - started)
     print(f"next: python train_q0.py --preset cpu --data-dir {shlex.quote(str(args.out))}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from data.shards import UsageError
+
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 WHISPER_SDIST = "openai-whisper==20250625"
@@ -36,8 +38,9 @@ R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 ENDOFTEXT = "<|endoftext|>"
 
 
-class TokenizerUnavailable(RuntimeError):
-    """The GPT-2 ranks could not be found anywhere: reported as one line by the data commands."""
+class TokenizerUnavailable(UsageError):
+    """The GPT-2 ranks could not be found anywhere: a UsageError, so a data command reports it as one
+    `error:` line and exit code 2."""
 
 
 def q0_cache_dir() -> Path:
@@ -114,6 +117,8 @@ def load_gpt2_ranks(cache_dir: Path | None = None, sources=RANK_SOURCES) -> byte
             continue
         if _verified(data):
             cache_file.parent.mkdir(parents=True, exist_ok=True)
+            # Not shards.atomic_write: its one fixed temporary name assumes one writer, and this
+            # cache is shared by every process on the machine that loads the ranks at once.
             tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
             tmp.write_bytes(data)
             os.replace(tmp, cache_file)

@@ -12,9 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import fineweb  # noqa: E402
+from data.shards import DataError, read_tokens, sha256_file  # noqa: E402
 from data.tokenizers import get_tokenizer  # noqa: E402
-from data.shards import DataError, sha256_file  # noqa: E402
-from train_q0 import read_tokens  # noqa: E402
 
 FILE_TOKENS = 3000  # tokens per pre-tokenised file: small, so documents straddle file boundaries
 WORDS = "the of and to in a is that for it as was with be by on not he I this are or his café naïve 東京 🙂".split()
@@ -38,14 +37,26 @@ def stand_in(tmp_path_factory):
     return dict(texts=texts, stream=stream, starts=starts, folder=folder)
 
 
-def run(*args):
-    fineweb.main([str(a) for a in args])
+def run(*args) -> int:
+    """The command's exit code: 0, or 2 with one `error:` line on stderr."""
+    return fineweb.main([str(a) for a in args])
+
+
+def split_flags(stand_in, out, val_tokens, train_tokens) -> list:
+    return ["--local-dir", stand_in["folder"], "--out", out, "--val-tokens", val_tokens, "--train-tokens", train_tokens]
 
 
 def build_split(stand_in, out, val_tokens, train_tokens, *extra):
-    run("--local-dir", stand_in["folder"], "--out", out, "--val-tokens", val_tokens,
-        "--train-tokens", train_tokens, *extra)
+    assert run(*split_flags(stand_in, out, val_tokens, train_tokens), *extra) == 0
     return read_tokens(out / "val.q0t"), read_tokens(out / "train.q0t")
+
+
+def last_error_line(capsys) -> str:
+    """The one `error:` line, after the progress bars that precede it on stderr."""
+    err = capsys.readouterr().err.splitlines()
+    errors = [line for line in err if line.startswith("error")]
+    assert errors == err[-1:], err
+    return err[-1]
 
 
 def test_validation_cut_inside_a_document(stand_in, tmp_path):
@@ -90,31 +101,40 @@ def test_sidecar_and_rerun_verify_without_overwriting(stand_in, tmp_path, capsys
     assert "verified" in capsys.readouterr().out
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
 
-    with pytest.raises(SystemExit) as exit_code:  # other settings: refused, nothing touched
-        build_split(stand_in, tmp_path, 1000, 3000)
-    assert exit_code.value.code == 2 and "different split" in capsys.readouterr().err
+    assert run(*split_flags(stand_in, tmp_path, 1000, 3000)) == 2  # other settings: refused, nothing touched
+    assert "different split" in last_error_line(capsys)
+    assert mtimes == {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
 
     raw = bytearray((tmp_path / "train.q0t").read_bytes())
     raw[-1] ^= 1
     (tmp_path / "train.q0t").write_bytes(bytes(raw))
-    with pytest.raises(SystemExit):
-        build_split(stand_in, tmp_path, 1000, 2000)
-    assert "SHA-256" in capsys.readouterr().err
+    assert run(*split_flags(stand_in, tmp_path, 1000, 2000)) == 2
+    assert "SHA-256" in last_error_line(capsys)
+    assert (tmp_path / "train.q0t").read_bytes() == bytes(raw)
+
+    (tmp_path / "manifest.json").write_text("{not json")  # a damaged manifest: one line, nothing replaced
+    assert run(*split_flags(stand_in, tmp_path, 1000, 2000)) == 2
+    assert "not a manifest" in last_error_line(capsys)
+    assert (tmp_path / "manifest.json").read_text() == "{not json"
 
 
 def test_partial_output_without_sidecar_is_refused(stand_in, tmp_path, capsys):
     (tmp_path / "val.q0t").write_bytes(b"left over by a crash")
-    with pytest.raises(SystemExit):
-        build_split(stand_in, tmp_path, 1000, 2000)
-    assert "without" in capsys.readouterr().err
+    assert run(*split_flags(stand_in, tmp_path, 1000, 2000)) == 2
+    assert "without" in last_error_line(capsys)
     assert (tmp_path / "val.q0t").read_bytes() == b"left over by a crash"
 
 
+def test_out_that_is_a_file_is_refused(stand_in, tmp_path, capsys):
+    (tmp_path / "out").write_text("mine")
+    assert run(*split_flags(stand_in, tmp_path / "out", 1000, 2000)) == 2
+    assert last_error_line(capsys).startswith("error: --out ") and (tmp_path / "out").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_stream_too_short(stand_in, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_code:
-        build_split(stand_in, tmp_path, 1000, stand_in["stream"].size)
-    last_line = capsys.readouterr().err.splitlines()[-1]  # the lines before it are progress bars
-    assert exit_code.value.code == 2 and last_line.startswith("error: the stream ended")
+    assert run(*split_flags(stand_in, tmp_path, 1000, stand_in["stream"].size)) == 2
+    assert last_error_line(capsys).startswith("error: the stream ended")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="the parquet source needs pyarrow")
@@ -128,8 +148,8 @@ def test_parquet_source_gives_the_same_shards(stand_in, tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"text": part, "id": [str(i) for i in range(len(part))]}), path)
     build_split(stand_in, tmp_path / "from_bin", 1234, 4321)
-    run("--source", "parquet", "--local-dir", folder, "--out", tmp_path / "from_parquet", "--val-tokens", 1234,
-        "--train-tokens", 4321, "--workers", 2)
+    assert run("--source", "parquet", "--local-dir", folder, "--out", tmp_path / "from_parquet", "--val-tokens",
+               1234, "--train-tokens", 4321, "--workers", 2) == 0
     for name in ("val.q0t", "train.q0t"):
         assert sha256_file(tmp_path / "from_bin" / name) == sha256_file(tmp_path / "from_parquet" / name)
 

@@ -1,5 +1,5 @@
-"""The token file formats: ours (.q0t, written by data/shards.py, read by train_q0.py), Slowrun's
-.pt and modded-nanogpt's .bin (read by train_q0.py)."""
+"""The token file formats, all in data/shards.py: ours (.q0t, its writer and reader), Slowrun's .pt
+and modded-nanogpt's .bin (read only), and finding a split's files in a data folder."""
 import hashlib
 import json
 import struct
@@ -11,9 +11,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.shards import DataError as WriteError  # noqa: E402
-from data.shards import encode_shard, write_shard  # noqa: E402
-from train_q0 import DataError, read_tokens  # noqa: E402
+from data.shards import (DataError, UsageError, encode_shard, find_split, load_split, read_tokens,  # noqa: E402
+                         write_shard)
 
 GPT2_TABLE = np.random.default_rng(0).integers(1, 20, 50257)
 GPT2_TABLE[50256] = 0
@@ -59,7 +58,7 @@ def assert_one_line_error(path: Path, expected: str, command="python data/", **k
 
 
 def test_writer_and_reader_agree_on_every_field(tmp_path):
-    """data/shards.py writes, train_q0.py reads: every field comes back, at README's offsets."""
+    """write_shard writes, read_tokens reads: every field comes back, at README's offsets."""
     tokens = documents_stream()
     path = tmp_path / "train.q0t"
     info = write_shard(path, tokens, **GPT2)
@@ -75,7 +74,7 @@ def test_writer_and_reader_agree_on_every_field(tmp_path):
 
 
 def test_reader_reads_a_file_built_from_the_spec(tmp_path):
-    """The other way: a file built from README's table alone, read by train_q0.py."""
+    """The other way: a file built from README's table alone, read by read_tokens."""
     tokens, table = documents_stream(bos_id=0, vocab_size=256), np.array([0] + [1] * 255)
     (tmp_path / "val.q0t").write_bytes(spec_v2(tokens, 256, 0, "bytes", table, "make it ✓"))
     found = read_tokens(tmp_path / "val.q0t")
@@ -115,10 +114,10 @@ def test_write_shard_keeps_identical_files_and_never_overwrites(tmp_path):
     write_shard(path, documents_stream(), **GPT2)
     before = path.read_bytes()
     assert write_shard(path, documents_stream(), **GPT2)["sha256"] == hashlib.sha256(before).hexdigest()
-    with pytest.raises(WriteError, match="differs"):
+    with pytest.raises(DataError, match="differs"):
         write_shard(path, documents_stream(seed=1), **GPT2)
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
-    with pytest.raises(WriteError, match="byte-length table"):
+    with pytest.raises(DataError, match="byte-length table"):
         encode_shard(documents_stream(), **{**GPT2, "token_bytes": np.ones(50257)})  # BOS must count 0
 
 
@@ -208,3 +207,35 @@ def test_modded_bin_corruptions(tmp_path):
     path.unlink()
     write_modded_bin(path, tokens, declared=tokens.size + 10)
     assert_one_line_error(path, "truncated")
+
+
+def test_data_errors_are_usage_errors():
+    """What a data file gets wrong is reported like a bad flag: one `error:` line, exit code 2."""
+    assert issubclass(DataError, UsageError)
+
+
+def test_find_and_load_a_split_in_each_layout(tmp_path):
+    ours, modded, slowrun, text_folder = (tmp_path / name for name in ("ours", "modded", "slowrun", "text"))
+    tokens = documents_stream()
+    write_shard(ours / "val.q0t", tokens, **GPT2)
+    assert find_split(ours, "val") == [ours / "val.q0t"]
+    assert np.array_equal(load_split(ours, "val").tokens, tokens)
+    # modded-nanogpt's shards, in name order, concatenated into one stream
+    modded.mkdir()
+    write_modded_bin(modded / "fineweb_train_000002.bin", tokens[100:])
+    write_modded_bin(modded / "fineweb_train_000001.bin", tokens[:100])
+    assert [p.name for p in find_split(modded, "train")] == ["fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    found = load_split(modded, "train")
+    assert np.array_equal(found.tokens, tokens) and found.path.count(",") == 1 and found.text_bytes is None
+    slowrun.mkdir()
+    torch.save(dict(tokens=torch.from_numpy(tokens.astype(np.uint16)), bos_id=50256), slowrun / "fineweb_val.pt")
+    assert find_split(slowrun, "val") == [slowrun / "fineweb_val.pt"]
+    # a folder of text, and one with nothing of the split: one line naming the command that makes it
+    text_folder.mkdir()
+    (text_folder / "notes.md").write_text("not shards")
+    with pytest.raises(DataError) as caught:
+        find_split(text_folder, "train")
+    assert "\n" not in str(caught.value) and f"python data/text.py {text_folder} --tokenizer bytes" in str(caught.value)
+    with pytest.raises(DataError) as caught:
+        find_split(ours, "train")
+    assert "\n" not in str(caught.value) and "train.q0t" in str(caught.value) and "python data/" in str(caught.value)

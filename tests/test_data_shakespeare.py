@@ -10,9 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import shakespeare  # noqa: E402
-from data.shards import DataError  # noqa: E402
+from data.shards import DataError, read_tokens  # noqa: E402
 from data.tokenizers import get_tokenizer  # noqa: E402
-from train_q0 import read_tokens  # noqa: E402
 
 # SHA-256 of the token payloads of the bytes shards the CPU record trained on (format version 1):
 # the format changed, the tokens must not.
@@ -88,9 +87,18 @@ def test_changed_shard_is_reported_not_replaced(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
-    shakespeare.main(["--tokenizer", "bytes", "--out", str(tmp_path)])
+    assert shakespeare.main(["--tokenizer", "bytes", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "validation plays: julius-caesar, macbeth, the-tempest, twelfth-night" in printed
     assert printed.count("sha256") == 2 and "built" in printed
-    shakespeare.main(["--tokenizer", "bytes", "--out", str(tmp_path)])
+    assert shakespeare.main(["--tokenizer", "bytes", "--out", str(tmp_path)]) == 0
     assert "verified" in capsys.readouterr().out
+    val = tmp_path / "bytes" / "val.q0t"
+    raw = bytearray(val.read_bytes())
+    raw[-2] ^= 1
+    val.write_bytes(bytes(raw))
+    assert shakespeare.main(["--tokenizer", "bytes", "--out", str(tmp_path)]) == 2  # one line, nothing replaced
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "SHA-256" in lines[0], captured.err
+    assert captured.out == "" and val.read_bytes() == bytes(raw)

@@ -1,5 +1,6 @@
 """data/text.py: a folder of one's own text into shards that train_q0.py trains on, and every bad
-input as one line with nothing written. Also: data/ imports neither torch nor train_q0."""
+input as one line (exit code 2) with nothing written. Also: data/ imports neither torch nor the
+trainer (train_q0.py, q0_run.py)."""
 import json
 import subprocess
 import sys
@@ -12,8 +13,8 @@ from conftest import REPO, run_train, shakespeare_paragraphs
 
 sys.path.insert(0, str(REPO))
 from data import text  # noqa: E402
+from data.shards import read_tokens  # noqa: E402
 from data.tokenizers import get_tokenizer  # noqa: E402
-from train_q0 import read_tokens  # noqa: E402
 
 
 def corpus(folder: Path, docs: int = 30) -> list[str]:
@@ -37,8 +38,9 @@ def documents(tokens: np.ndarray, bos_id: int) -> list[np.ndarray]:
     return [tokens[a + 1:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
-def main(*args) -> None:
-    text.main([str(a) for a in args])
+def main(*args) -> int:
+    """The command's exit code: 0, or 2 with one `error:` line on stderr."""
+    return text.main([str(a) for a in args])
 
 
 def one_line_error(capsys, *needles):
@@ -49,15 +51,15 @@ def one_line_error(capsys, *needles):
 
 
 def test_data_imports_neither_torch_nor_the_trainer():
-    code = ("import sys; import data.text, data.shakespeare, data.fineweb, data.shards; "
-            "bad = {'torch', 'train_q0'} & set(sys.modules); assert not bad, bad")
+    code = ("import sys; import data.text, data.shakespeare, data.fineweb, data.shards, data.tokenizers; "
+            "bad = {'torch', 'train_q0', 'q0_run'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 @pytest.mark.parametrize("name", ["bytes", "gpt2"])
 def test_folder_to_shards_whole_documents_deterministic_split(tmp_path, name, capsys):
     texts = corpus(tmp_path / "src")
-    main(tmp_path / "src", "--tokenizer", name, "--out", tmp_path / "out", "--val-docs", 4)
+    assert main(tmp_path / "src", "--tokenizer", name, "--out", tmp_path / "out", "--val-docs", 4) == 0
     tokenizer = get_tokenizer(name)
     train, val = (read_tokens(tmp_path / "out" / f"{s}.q0t") for s in ("train", "val"))
     train_docs = [tokenizer.decode(d) for d in documents(train.tokens, tokenizer.bos_id)]
@@ -82,27 +84,24 @@ def test_folder_to_shards_whole_documents_deterministic_split(tmp_path, name, ca
 def test_rerun_verifies_other_settings_are_refused_and_a_crash_completes(tmp_path, capsys):
     corpus(tmp_path / "src")
     flags = [tmp_path / "src", "--tokenizer", "bytes", "--out", tmp_path / "out"]
-    main(*flags)
+    assert main(*flags) == 0
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
     capsys.readouterr()
-    main(*flags)
+    assert main(*flags) == 0
     assert "verified" in capsys.readouterr().out
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
-    with pytest.raises(SystemExit) as exit_code:
-        main(*flags, "--val-docs", "2")
-    assert exit_code.value.code == 2
+    assert main(*flags, "--val-docs", "2") == 2
     one_line_error(capsys, "different build", "settings")
     (tmp_path / "src" / "act1" / "scene00.txt").write_text("changed")
-    with pytest.raises(SystemExit):
-        main(*flags)
+    assert main(*flags) == 2
     one_line_error(capsys, "sources")
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
     # a build interrupted before its manifest: the rerun keeps the identical shard and finishes
     (tmp_path / "src" / "act1" / "scene00.txt").write_text("changed back")
-    main(*flags[:-1], tmp_path / "again")
+    assert main(*flags[:-1], tmp_path / "again") == 0
     (tmp_path / "again" / "manifest.json").unlink()
     (tmp_path / "again" / "val.q0t").unlink()
-    main(*flags[:-1], tmp_path / "again")
+    assert main(*flags[:-1], tmp_path / "again") == 0
     assert (tmp_path / "again" / "manifest.json").exists() and (tmp_path / "again" / "val.q0t").exists()
 
 
@@ -150,11 +149,30 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
     elif case == "val fraction 1":
         extra = ["--val-fraction", "1"]
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    with pytest.raises(SystemExit) as exit_code:
-        main(src, "--tokenizer", "bytes", "--out", out, *extra)
-    assert exit_code.value.code == 2
+    assert main(src, "--tokenizer", "bytes", "--out", out, *extra) == 2
     one_line_error(capsys, *needles)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_what_the_file_system_refuses_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("first document\n")
+    (tmp_path / "src" / "b.txt").write_text("second document\n")
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(Path, "read_bytes", refused)  # (as root, chmod 000 would not refuse)
+    assert main(tmp_path / "src", "--tokenizer", "bytes", "--out", tmp_path / "out") == 2
+    one_line_error(capsys, "Permission denied", "a.txt", "check the path and its permissions")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_script_exits_2_with_one_line_on_a_bad_flag(tmp_path):
+    done = subprocess.run([sys.executable, "data/text.py", "--workers", "-1", str(tmp_path), "--tokenizer", "bytes",
+                           "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == "", done
+    assert done.stderr.splitlines() == ["error: --workers -1: expected an integer >= 1"], done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_own_text_trains_with_the_two_readme_commands(tmp_path):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import tokenizers  # noqa: E402
+from data import shakespeare, text, tokenizers  # noqa: E402
+from data.shards import UsageError  # noqa: E402
 from data.tokenizers import TokenizerUnavailable, get_tokenizer, load_gpt2_ranks  # noqa: E402
 
 SAMPLE = "To be, or not to be: that is the question.\n  Whether 'tis nobler — café, 東京 🙂 <|endoftext|>"
@@ -77,6 +78,25 @@ def test_a_tampered_cache_is_not_trusted(tmp_path, good_ranks):
     with pytest.raises(TokenizerUnavailable) as caught:
         load_gpt2_ranks(tmp_path / "empty", sources=[("absent", lambda: None)])
     assert "\n" not in str(caught.value) and tokenizers.GPT2_RANKS_SHA256 in str(caught.value)
+    assert isinstance(caught.value, UsageError)  # what the data commands report as one `error:` line
+
+
+@pytest.mark.parametrize("command", ["text", "shakespeare"])
+def test_unavailable_ranks_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, command):
+    def unavailable(name):
+        raise TokenizerUnavailable(f"cannot load the GPT-2 BPE ranks (tested); place the file with sha256 "
+                                   f"{tokenizers.GPT2_RANKS_SHA256} at {tmp_path / 'gpt2.tiktoken'}")
+    monkeypatch.setattr(text, "get_tokenizer", unavailable)  # (data/shakespeare.py builds with data/text.py)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("first document\n")
+    (tmp_path / "src" / "b.txt").write_text("second document\n")
+    argv = {"text": [str(tmp_path / "src"), "--tokenizer", "gpt2", "--out", str(tmp_path / "out")],
+            "shakespeare": ["--tokenizer", "gpt2", "--out", str(tmp_path / "out")]}[command]
+    assert {"text": text, "shakespeare": shakespeare}[command].main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"error: cannot load the GPT-2 BPE ranks (tested); place the file with "
+                                         f"sha256 {tokenizers.GPT2_RANKS_SHA256} at {tmp_path / 'gpt2.tiktoken'}"]
+    assert captured.out == "" and not (tmp_path / "out").exists()
 
 
 def test_the_bundled_encoding_equals_tiktokens_own(good_ranks):
