@@ -16,12 +16,11 @@ per token, unbiased) keeps it within 1e-3 nats/token of the forward path: that i
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import json
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,14 +30,17 @@ import torch
 import torch.distributed as dist
 
 import fit_prior
-import train_q0
-from fit_prior import die
+import q0_run
+from data.shards import PATH, SWITCH, TEXT, ArgumentParser, UsageError, at_least, command, parse_checked
 
 CACHE_TOLERANCE = 1e-3  # nats/token between the cached fp16 and forward paths (see the docstring)
-PROB_FLOOR = 2.0 ** -24  # the caches' clamp; the forward path applies the same one
 CHUNK_ELEMS = 1 << 22    # tokens x max(members, weightings) scored at once: 32 MiB of float64
 PARTS = ("members", "uniform", "prior", "curve")
 MD_TITLE = "# q0 evaluation "
+EVAL_VERSION = 1         # eval.json's format
+# --forward under torchrun: a rank waits in a collective while another runs a member's forward pass
+# over the whole validation set, so the timeout is torch's gloo default, not the trainer's flag's.
+COLLECTIVE_TIMEOUT_MINUTES = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,34 +49,35 @@ MD_TITLE = "# q0 evaluation "
 
 def load_prior(path: Path, members, ks):
     """prior.json's budgets as dense weight vectors over `members`, checked against the disk."""
-    try:
-        prior = train_q0.read_prior(path)
-    except train_q0.UsageError as e:
-        die(str(e))
+    prior = q0_run.read_prior(path)
     try:
         return _prior_weightings(path, prior, members, ks)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:  # cut short, or keys missing
-        die(f"{path} is not a whole q0 prior ({type(e).__name__}: {e}); fit it again with "
-            f"`python fit_prior.py RUN_DIR --out NEW.json`")
+        raise UsageError(f"{path} is not a whole q0 prior ({type(e).__name__}: {e}); fit it again with "
+                         f"`python fit_prior.py RUN_DIR --out NEW.json`") from None
 
 
 def _prior_weightings(path: Path, prior: dict, members, ks):
-    if prior["fitness"]["sha256"] != members[0].run["fitness"]["sha256"]:
-        die(f"{path} was fitted on a different fitness set than these runs; refit with fit_prior.py")
+    """The prior's population (every member it was fitted on) is checked against the disk
+    (q0_run.check_prior: a member gone or changed refuses the prior); members it never saw are
+    named (it was fitted while the run was still training)."""
     where = {(m.run_dir.resolve(), m.record["id"]): i for i, m in enumerate(members)}
-    fitted_on = population_check(path, prior, members, where)
+    found = q0_run.check_prior(path, prior, prior["members"], members[0].run["fitness"]["sha256"],
+                               "these runs; refit with fit_prior.py",
+                               records={key: members[i].record for key, i in where.items()})
+    fitted_on = {where[(run_dir, record["id"])] for run_dir, record in found}
     budgets = {b["K"]: b for b in prior["budgets"]}
     for k in ks or ():
         if k not in budgets:
-            die(f"--budgets {k}: {path} has budgets {sorted(budgets)} only")
+            raise UsageError(f"--budgets {k}: {path} has budgets {sorted(budgets)} only")
     out = []
     for k in sorted(ks or budgets):
         b, idx = budgets[k], []
-        for ref in b["members"]:  # population_check has matched every member to the disk
+        for ref in b["members"]:
             i = where.get(((path.parent / ref["run"]).resolve(), ref["id"]))
             if i not in fitted_on:
-                die(f"{path}: budget K={k} names snapshot {ref['id']}, which is not in its population; "
-                    f"refit with fit_prior.py")
+                raise UsageError(f"{path}: budget K={k} names snapshot {ref['id']}, which is not in its population; "
+                                 f"refit with fit_prior.py")
             idx.append(i)
         for kind in ("renormalised", "refitted"):
             w = np.zeros(len(members))
@@ -88,23 +91,6 @@ def unfitted_note(prior_path, unfitted: list[str], population: int) -> str:
     names = ", ".join(unfitted[:6]) + (f" and {len(unfitted) - 6} more" if len(unfitted) > 6 else "")
     return (f"{prior_path} was fitted on {population - len(unfitted)} of the {population} snapshots; it gives no "
             f"weight to {names}: refit with fit_prior.py to use them")
-
-
-def population_check(path: Path, prior: dict, members, where: dict) -> set[int]:
-    """The prior's population (every member it was fitted on, by snapshot id and weights SHA-256)
-    against the disk: a member gone or changed refuses the prior; members it never saw are named
-    (it was fitted while the run was still training). Returns the members' positions."""
-    fitted_on = set()
-    for ref in prior["members"]:
-        i = where.get(((path.parent / ref["run"]).resolve(), ref["id"]))
-        if i is None:
-            die(f"{path} was fitted on snapshot {ref['id']} of {path.parent / ref['run']}, which is gone (or its "
-                f"run was not given); refit with fit_prior.py")
-        if members[i].record["weights_sha256"] != ref["weights_sha256"]:
-            die(f"snapshot {members[i].name} changed since {path} was fitted (weights SHA-256 differs); refit "
-                f"with fit_prior.py")
-        fitted_on.add(i)
-    return fitted_on
 
 
 def split_students(members):
@@ -126,7 +112,7 @@ def student_rows(students, member_sums, run: dict) -> list[dict]:
         m, s = max(mine, key=lambda x: (x[0].record["cycle"], x[0].record["base"]))
         cfg = m.run["population_config"]
         out.append({"run": str(run_dir), "id": m.record["id"], "forward_passes": 1,
-                    "epochs": train_q0.epochs_spent([x.record for x, _ in mine]),
+                    "epochs": q0_run.epochs_spent([x.record for x, _ in mine]),
                     "teacher": {"prior": cfg["distil_from"], "K": cfg["distil_k"],
                                 "forward_passes": len(cfg.get("distil_teacher", []))},
                     **numbers(s, run)})
@@ -146,18 +132,18 @@ def curve_points(m: int, most: int) -> list[int]:
 
 
 def curve_weightings(members, ns: list[int]):
-    P = fit_prior.load_matrix(members, "fitness")  # rows in arrival order: P[:n] is a prefix
+    P = q0_run.load_matrix(members, "fitness")  # rows in arrival order: P[:n] is a prefix
     out = []
     for n in ns:
         runs = {}
         for m in members[:n]:
             runs.setdefault(m.run_index, []).append(m.record)
         point = {"part": "curve", "n": n, "latest": members[n - 1].record["id"],
-                 "epochs": sum(train_q0.epochs_spent(r) for r in runs.values())}
+                 "epochs": sum(q0_run.epochs_spent(r) for r in runs.values())}
         w = np.zeros(len(members))
         w[:n] = 1.0 / n
         out.append(point | {"weights": "uniform", "w": w})
-        fit = fit_prior.fit(P[:n])
+        fit = fit_prior.fit_newton(P[:n])  # fit_prior.py's default solver
         w = np.zeros(len(members))
         w[:n] = fit.w
         out.append(point | {"weights": "prior", "w": w, "fitness_loss": fit.loss})
@@ -167,39 +153,6 @@ def curve_weightings(members, ns: list[int]):
 # ---------------------------------------------------------------------------------------------
 # Scoring: sum over validation targets of -log(sum_i w_i p_i), for every weighting at once
 # ---------------------------------------------------------------------------------------------
-
-class CacheFile:
-    """A val cache read in token chunks, hashed on the way so it is read from disk only once."""
-
-    def __init__(self, m):
-        if m.record.get("val_probs") is None:
-            die(f"{m.name} has no cached validation probabilities; evaluate with --forward")
-        self.path, self.expect = m.run_dir / m.record["val_probs"], m.record["val_probs_sha256"]
-        if not self.path.is_file():
-            die(f"{self.path} is missing (snapshot {m.name}); evaluate with --forward")
-        with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
-                else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-            self.offset = f.tell()
-            f.seek(0)
-            self.hash = hashlib.sha256(f.read(self.offset))
-        n = m.run["val"]["targets"]
-        if dtype != np.float16 or shape != (n,):
-            die(f"{self.path}: expected float16[{n}], found {dtype}{list(shape)}")
-
-    def read(self, s: int, e: int) -> np.ndarray:  # called with consecutive chunks, in order
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + 2 * s)
-            raw = f.read(2 * (e - s))
-        self.hash.update(raw)
-        return np.frombuffer(raw, dtype=np.float16)
-
-    def check(self):  # the record's hash is of the whole file; trailing bytes would change it too
-        if self.hash.hexdigest() != self.expect:
-            die(f"{self.path}: SHA-256 differs from its snapshot record; the cache changed after it was written")
-
 
 def nll_sums(probs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """(rows, 2): sum of -log p over all targets, and over the targets that carry bytes (bpb)."""
@@ -223,12 +176,14 @@ def score_chunks(read, n_members: int, T: int, W: torch.Tensor, keep: torch.Tens
 
 
 def score_cached(members, W: torch.Tensor, keep: torch.Tensor):
-    """Chunks of validation tokens x all members (bounded memory), all weightings per chunk."""
-    files = [CacheFile(m) for m in members]
+    """Chunks of validation tokens x all members (bounded memory), all weightings per chunk; each
+    cache checked (shape, dtype, then its SHA-256 once read: q0_run.CachedProbs)."""
+    T = members[0].run["val"]["targets"]
+    files = [q0_run.CachedProbs(m.run_dir, m.record, "val", T) for m in members]
 
     def read(s, e):
         return np.stack([f.read(s, e).astype(np.float32) for f in files])
-    out = score_chunks(read, len(members), members[0].run["val"]["targets"], W, keep, np.ones(len(members), bool))
+    out = score_chunks(read, len(members), T, W, keep, np.ones(len(members), bool))
     for f in files:
         f.check()
     return out
@@ -239,13 +194,12 @@ class SpillFile:
     ordinary reads (a memory map would count every page it touched as resident memory)."""
 
     def __init__(self, path: Path, rows: int, T: int):
-        import shutil
         path.parent.mkdir(parents=True, exist_ok=True)
         need = rows * T * 4
         free = shutil.disk_usage(path.parent).free
         if need > free:
-            die(f"--forward needs {need / 2 ** 30:.1f} GiB beside {path.parent} for the members' probabilities "
-                f"and {free / 2 ** 30:.1f} GiB is free; free space or choose another --out")
+            raise UsageError(f"--forward needs {need / 2 ** 30:.1f} GiB beside {path.parent} for the members' "
+                             f"probabilities and {free / 2 ** 30:.1f} GiB is free; free space or choose another --out")
         self.path, self.T, self.rows = path, T, rows
         self.file = open(path, "w+b")
 
@@ -273,8 +227,9 @@ def score_forward(members, W: torch.Tensor, keep: torch.Tensor, need: np.ndarray
     (float32, floored like the caches) are handed to the reporting rank, which writes them to one
     file (`spill`, removed after) and then scores every weighting in token chunks: host memory is
     one member's probabilities and one chunk, not a running sum per weighting per token."""
+    import train_q0  # the model: only forward passes need the trainer
     run = members[0].run
-    tokens, T = train_q0.load_val_tokens(run), run["val"]["targets"]
+    tokens, T = q0_run.load_val_tokens(run), run["val"]["targets"]
     todo, started = np.flatnonzero(need), time.time()
     store = SpillFile(spill, len(members), T) if rank == 0 else None
     try:
@@ -283,16 +238,17 @@ def score_forward(members, W: torch.Tensor, keep: torch.Tensor, need: np.ndarray
             if start + rank < todo.size:
                 m = members[todo[start + rank]]
                 model = train_q0.load_snapshot_model(m.run_dir, m.record, device)
-                p = np.maximum(train_q0.token_probs(model, tokens, run["seq_len"], batch_size, device), PROB_FLOOR)
+                p = np.maximum(train_q0.token_probs(model, tokens, run["seq_len"], batch_size, device),
+                               q0_run.PROB_FLOOR)  # the caches' floor: both paths score the same numbers
                 del model
             if rank == 0:  # progress on stderr: stdout is the result
                 done, spent = min(todo.size, start + world), time.time() - started
-                print(f"scored {done}/{todo.size} members | {train_q0.clock(spent)} elapsed, "
-                      f"ETA {train_q0.clock(spent / done * (todo.size - done))}", file=sys.stderr, flush=True)
+                print(f"scored {done}/{todo.size} members | {q0_run.clock(spent)} elapsed, "
+                      f"ETA {q0_run.clock(spent / done * (todo.size - done))}", file=sys.stderr, flush=True)
             for k in range(min(world, todo.size - start)):  # each owner hands its row to rank 0
                 row = torch.from_numpy(p) if (rank == k and p is not None) else torch.zeros(T)
                 if world > 1:
-                    train_q0.all_reduce_(row)
+                    q0_run.all_reduce_(row)
                 if rank == 0:
                     store.write(todo[start + k], row.numpy())
         if rank != 0:
@@ -308,21 +264,21 @@ def score_forward(members, W: torch.Tensor, keep: torch.Tensor, need: np.ndarray
 # ---------------------------------------------------------------------------------------------
 
 def numbers(sums, run: dict, cost: int | None = None) -> dict:
-    """Loss in nats per target (all targets) and the record's bits per byte (BOS targets left out:
-    they carry no bytes); `sums` from nll_sums, the kept sum NaN where the tokens were unavailable."""
-    T, nbytes = run["val"]["targets"], run["val"].get("text_bytes")
-    bpb = sums[1] / (math.log(2) * nbytes) if nbytes and not math.isnan(sums[1]) else None
+    """Loss in nats per target (all targets) and the record's bits per byte (q0_run.nats_to_bpb);
+    `sums` from nll_sums, the sum over targets that carry bytes NaN where the tokens were unavailable."""
+    T = run["val"]["targets"]
+    bpb = None if math.isnan(sums[1]) else q0_run.nats_to_bpb(float(sums[1]), run["val"].get("text_bytes"))
     return ({"forward_passes": cost} if cost is not None else {}) | {"loss": sums[0] / T, "bpb": bpb}
 
 
 def byte_targets(run: dict) -> torch.Tensor:
-    """1 for every validation target that carries bytes (all but BOS); NaN when the validation
-    tokens are not at hand, so bits per byte reads n/a rather than a guess."""
+    """1 for every validation target that carries bytes (q0_run.carries_bytes); NaN when the
+    validation tokens are not at hand, so bits per byte reads n/a rather than a guess."""
     try:
-        tokens = train_q0.load_val_tokens(run)
-    except train_q0.UsageError:
+        tokens = q0_run.load_val_tokens(run)
+    except UsageError:
         return torch.full((run["val"]["targets"],), float("nan"), dtype=torch.float64)
-    return torch.from_numpy(tokens[1:] != run["bos_id"]).double()
+    return torch.from_numpy(q0_run.carries_bytes(tokens[1:], run["bos_id"])).double()
 
 
 def fmt_bpb(x):
@@ -389,30 +345,28 @@ def plot(res: dict, path: Path):
     for ax in axes:
         ax.legend()
     fig.tight_layout()
-    train_q0._atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    q0_run.write_output(path, lambda tmp: fig.savefig(tmp, format="png"), replace=True)
 
 
-def claim_outputs(out: Path, writer: bool = True) -> int | None:
+def claim_outputs(out: Path, writer: bool = True):
     """The results JSON is the completion marker: written last, after the .md and .png beside it.
     So a .md (or .png) without its JSON was left by an interrupted eval and is rewritten; a JSON
-    that exists is never overwritten. A .md that is not an eval's, alone, is refused too."""
+    that exists is never overwritten. A .md that is not an eval's, alone, is refused too. Returns
+    the claim on the JSON (q0_run.claim_output), held by the writer (under torchrun, rank 0)."""
     md, png = out.with_suffix(".md"), out.with_suffix(".png")
     leftover = md.is_file() and md.read_text(errors="replace").startswith(MD_TITLE)
     for p in (md, png):
         if p.exists() and not out.exists() and not leftover:
-            die(f"{p} exists and is never overwritten; choose another path with --out")
-    if out.exists():
-        die(f"{out} exists and is never overwritten; choose another path with --out")
-    return fit_prior.claim(out) if writer else None  # under torchrun, rank 0 writes
+            raise UsageError(f"{p} exists and is never overwritten; choose another path with --out")
+    return q0_run.claim_output(out, hold=writer)
 
 
-RANGES = {"runs": train_q0.PATH, "prior": train_q0.PATH, "budgets": train_q0.TEXT, "parts": train_q0.TEXT,
-          "curve_points": train_q0.at_least(2), "forward": train_q0.SWITCH, "device": train_q0.TEXT,
-          "batch_size": train_q0.at_least(1), "out": train_q0.PATH, "plot": train_q0.SWITCH}
+RANGES = {"runs": PATH, "prior": PATH, "budgets": TEXT, "parts": TEXT, "curve_points": at_least(2),
+          "forward": SWITCH, "device": TEXT, "batch_size": at_least(1), "out": PATH, "plot": SWITCH}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = train_q0.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories (a population may span several)")
     ap.add_argument("--prior", help="prior.json from fit_prior.py: score its budgets")
     ap.add_argument("--budgets", help="only these budgets K of the prior, comma-separated")
@@ -426,73 +380,69 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@fit_prior.releasing_claims
-def main(argv=None):
-    args = fit_prior.parse_checked(build_parser(), RANGES, argv)
+def checked_flags(args) -> tuple[torch.device, set[str], int]:
+    """What the flags ask for, refused before any work: the device, the parts, the processes."""
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        die(f"--device {args.device}: not a torch device; give cpu, cuda or cuda:N")
+        raise UsageError(f"--device {args.device}: not a torch device; give cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {args.device}: CUDA is not available here; give --device cpu")
-
+        raise UsageError(f"--device {args.device}: CUDA is not available here; give --device cpu")
     parts = set(args.parts.split(","))
     if not parts <= set(PARTS):
-        die(f"--parts {args.parts}: choose from {','.join(PARTS)}")
+        raise UsageError(f"--parts {args.parts}: choose from {','.join(PARTS)}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            die("--plot needs matplotlib, which is not installed (pip install matplotlib)")
-    out = Path(args.out) if args.out else Path(args.runs[0]) / ("eval-forward.json" if args.forward else "eval.json")
-    outputs = [out, out.with_suffix(".md")] + ([out.with_suffix(".png")] if args.plot else [])
-    claimed = claim_outputs(out, writer=os.environ.get("RANK", "0") == "0")  # noqa: F841 - held until exit
+            raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not args.forward:
-        die("the cached path runs in one process; drop torchrun, or add --forward")
+        raise UsageError("the cached path runs in one process; drop torchrun, or add --forward")
     if args.budgets and not args.prior:
-        die("--budgets selects budgets of a prior; give --prior too")
+        raise UsageError("--budgets selects budgets of a prior; give --prior too")
+    return device, parts, world
 
-    try:
-        pop, students = split_students(fit_prior.load_population(args.runs))
-        members = pop + students  # weightings are over the population; students get weight 0 in all
-        ks = fit_prior.parse_budgets(args.budgets, len(pop)) if args.budgets else None
-        weightings = []
-        if "uniform" in parts:
-            weightings.append({"part": "uniform", "w": np.full(len(pop), 1.0 / len(pop))})
-        prior = None
-        if args.prior and "prior" in parts:
-            prior, ws = load_prior(Path(args.prior), pop, ks)
-            if prior["unfitted"]:
-                print(f"note: {unfitted_note(args.prior, prior['unfitted'], len(pop))}", file=sys.stderr)
-            weightings += ws
-        if "curve" in parts:
-            weightings += curve_weightings(pop, curve_points(len(pop), args.curve_points))
-        W = torch.from_numpy(np.stack([np.append(x["w"], np.zeros(len(students))) for x in weightings])) \
-            if weightings else torch.zeros((0, len(members)), dtype=torch.float64)
 
-        keep = byte_targets(members[0].run)
-        rank = 0
-        if world > 1:
-            dist.init_process_group("gloo")
-            rank = dist.get_rank()
-        if args.forward:
-            need = (W != 0).any(0).numpy() | ("members" in parts) | (np.arange(len(members)) >= len(pop))
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.device == "cuda" and world > 1 else args.device
-            spill = out.with_name(f".{out.name}.members.tmp")  # fixed: a rerun reuses it
-            sums, member_sums = score_forward(members, W, keep, need, device, args.batch_size, rank, world, spill)
-        else:
-            sums, member_sums = score_cached(members, W, keep)
-    except train_q0.UsageError as e:
-        die(str(e))
+def choose_weightings(args, parts: set[str], pop) -> tuple[list[dict], dict | None]:
+    """Every weighting to score over the population (uniform, the prior's budgets, the curve's),
+    and the prior (None without --prior)."""
+    ks = q0_run.parse_budgets(args.budgets, len(pop)) if args.budgets else None
+    weightings, prior = [], None
+    if "uniform" in parts:
+        weightings.append({"part": "uniform", "w": np.full(len(pop), 1.0 / len(pop))})
+    if args.prior and "prior" in parts:
+        prior, ws = load_prior(Path(args.prior), pop, ks)
+        if prior["unfitted"]:
+            print(f"note: {unfitted_note(args.prior, prior['unfitted'], len(pop))}", file=sys.stderr)
+        weightings += ws
+    if "curve" in parts:
+        weightings += curve_weightings(pop, curve_points(len(pop), args.curve_points))
+    return weightings, prior
+
+
+def score(args, parts: set[str], members, n_pop: int, W: torch.Tensor, keep: torch.Tensor, device: torch.device,
+          world: int, out: Path):
+    """(rank, weighting sums, member sums): the caches in one process, or forward passes spread over
+    torchrun's processes (q0_run.setup_distributed; plain --device cuda is each process's own GPU)."""
+    if not args.forward:
+        return (0, *score_cached(members, W, keep))
+    rank = 0
+    if world > 1:
+        _, rank, local = q0_run.setup_distributed(COLLECTIVE_TIMEOUT_MINUTES, cuda=device.type == "cuda")
+        device = local if device.type == "cuda" and device.index is None else device
+    need = (W != 0).any(0).numpy() | ("members" in parts) | (np.arange(len(members)) >= n_pop)
+    spill = out.with_name(f".{out.name}.members.tmp")  # fixed: a rerun reuses it
+    sums = score_forward(members, W, keep, need, device, args.batch_size, rank, world, spill)
     if world > 1:
         dist.destroy_process_group()  # sums are reduced; an open gloo group aborts at interpreter exit
-    if rank != 0:
-        return
+    return (rank, *sums)
 
-    run = members[0].run
-    res = {"format": "q0-eval", "version": 1,
-           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+
+def results(args, world: int, parts: set[str], pop, students, weightings, prior, sums, member_sums) -> dict:
+    """eval.json: every number scored, by what it scores."""
+    members, run = pop + students, pop[0].run
+    res = {**q0_run.json_header("q0-eval", EVAL_VERSION),
            "path": "forward passes" if args.forward else "cached fp16 probabilities",
            "cache_tolerance_nats": CACHE_TOLERANCE, "processes": world,
            "runs": [str(r) for r in args.runs], "population": len(pop),
@@ -517,17 +467,34 @@ def main(argv=None):
                         "snapshots_not_in_prior": prior["unfitted"]}
     res["curve"] = list(curve.values())
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    md = markdown(res)
-    try:
-        fit_prior.write_new(out.with_suffix(".md"), md + "\n", replace=True)  # the JSON, last, marks them complete
+    return res
+
+
+@command
+def main(argv=None):
+    args = parse_checked(build_parser(), RANGES, argv)
+    device, parts, world = checked_flags(args)
+    out = Path(args.out) if args.out else Path(args.runs[0]) / ("eval-forward.json" if args.forward else "eval.json")
+    outputs = [out, out.with_suffix(".md")] + ([out.with_suffix(".png")] if args.plot else [])
+    with claim_outputs(out, writer=os.environ.get("RANK", "0") == "0"):
+        pop, students = split_students(q0_run.load_population(args.runs))
+        members = pop + students  # weightings are over the population; students get weight 0 in all
+        weightings, prior = choose_weightings(args, parts, pop)
+        W = torch.from_numpy(np.stack([np.append(x["w"], np.zeros(len(students))) for x in weightings])) \
+            if weightings else torch.zeros((0, len(members)), dtype=torch.float64)
+        keep = byte_targets(members[0].run)
+        rank, sums, member_sums = score(args, parts, members, len(pop), W, keep, device, world, out)
+        if rank != 0:
+            return 0
+        res = results(args, world, parts, pop, students, weightings, prior, sums, member_sums)
+        md = markdown(res)
+        q0_run.write_output(out.with_suffix(".md"), md + "\n", replace=True)  # the JSON, last, marks them complete
         if args.plot:
             plot(res, out.with_suffix(".png"))
-        fit_prior.write_new(out, json.dumps(res, indent=1) + "\n")
-    except OSError as e:  # a read-only run folder, a full disk
-        die(f"cannot write {e.filename or out} ({e.strerror}); choose a writable path with --out")
+        q0_run.write_output(out, json.dumps(res, indent=1) + "\n")
     print(md)
     print(f"wrote {', '.join(map(str, outputs))} (peak RSS {res['peak_rss_mib']:.0f} MiB, rank 0)")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import hashlib
-import io
 import json
 import math
 import os
@@ -32,65 +29,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import train_q0
+import q0_run
+from data.shards import CHOICE, PATH, TEXT, ArgumentParser, command, parse_checked
+from q0_run import Member, load_matrix, load_population, parse_budgets
 
-TOL = 1e-6            # nats per token: the certified distance to the optimum
+TOL = 1e-6               # nats per token: the certified distance to the optimum
+FP32_MARGIN = 1e-4             # g_i above 1 + this in an fp32 pass: surely wanted
+CHUNK_ELEMS = 1 << 24    # float64 verification passes convert this many fp32 entries at a time
 MAX_EM_STEPS = 20000  # a safety net; a stop here is reported, not hidden
 ADAMW_LR, ADAMW_STEPS = 0.5, 300  # the public code's solver
-FP32_MARGIN = 1e-4  # g_i above 1 + this in an fp32 pass: surely wanted
-CHUNK_ELEMS = 1 << 24  # float64 verification passes convert this many fp32 entries at a time
-
-
-def die(msg: str):
-    """Bad input: one `error:` line on stderr, exit code 2 (the convention of train_q0.UsageError)."""
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+PRIOR_VERSION = 1      # prior.json's format (read by eval.py --prior and train_q0.py --distil-from)
 
 
 # ---------------------------------------------------------------------------------------------
-# The population: snapshots of one or more run directories, checked to be comparable
+# The population (q0_run.load_population: every snapshot of the runs, checked to be comparable)
 # ---------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Member:
-    run_dir: Path
-    run_index: int  # which of the given runs; two runs may each have a "base 0"
-    run: dict
-    record: dict
-
-    @property
-    def name(self) -> str:
-        return f"{self.run_dir}:{self.record['id']}"
-
-
-def load_population(run_dirs) -> list[Member]:
-    """Every snapshot of every run, in arrival order (cycle, run, base). Refuses runs whose
-    fitness sets, validation sets or tokenisers differ: their probabilities do not compare."""
-    members, first = [], None
-    for j, d in enumerate(run_dirs):
-        d = Path(d)
-        if not (d / "run.json").is_file():
-            die(f"{d}: not a run directory (no run.json); make one with `python train_q0.py`")
-        run = train_q0.load_run(d)
-        ident = {"tokenizer": run.get("tokenizer"), "fitness": run["fitness"].get("sha256"),
-                 "fitness targets": run["fitness"].get("targets"), "val": run["val"].get("sha256"),
-                 "val targets": run["val"].get("targets")}
-        if first is None:
-            first = (d, ident)
-        for key in ident:
-            if ident[key] != first[1][key]:
-                die(f"{d} and {first[0]} have different {key} ({ident[key]} vs {first[1][key]}); "
-                    f"a prior or ensemble mixes only snapshots scored on the same tokens")
-        try:
-            recs = train_q0.list_snapshots(d)
-        except train_q0.UsageError as e:
-            die(str(e))
-        if not recs:
-            die(f"{d}: no snapshots yet (a snapshot is written at the end of every cycle)")
-        members += [Member(d, j, run, r) for r in recs]
-    members.sort(key=lambda m: (m.record["cycle"], m.run_index, m.record["base"]))
-    return members
-
 
 def unfinished_runs(members: list[Member]) -> list[str]:
     """A note per run that has fewer snapshots than its layout plans (still training, or stopped):
@@ -106,39 +59,8 @@ def unfinished_runs(members: list[Member]) -> list[str]:
     return notes
 
 
-def read_cache(m: Member, kind: str) -> np.ndarray:
-    """One snapshot's cached p(true token) on the fitness or val set (fp16), SHA-256 checked."""
-    rel = m.record.get(f"{kind}_probs")
-    if rel is None:
-        die(f"{m.name} has no cached {kind} probabilities; evaluate with --forward")
-    path = m.run_dir / rel
-    if not path.is_file():
-        die(f"{path} is missing (snapshot {m.name}); evaluate with --forward")
-    raw = path.read_bytes()  # hash exactly the bytes we parse
-    if hashlib.sha256(raw).hexdigest() != m.record[f"{kind}_probs_sha256"]:
-        die(f"{path}: SHA-256 differs from its snapshot record; the cache changed after it was written")
-    try:
-        a = np.load(io.BytesIO(raw), allow_pickle=False)
-    except ValueError as e:  # a pickled object in place of the cache (refused), or not .npy at all
-        die(f"{path}: not a plain .npy probability cache ({e.__class__.__name__}); move it away and retrain "
-            f"or rescore snapshot {m.name}")
-    n = m.run[kind]["targets"]
-    if a.dtype != np.float16 or a.shape != (n,):
-        die(f"{path}: expected float16[{n}], found {a.dtype}{list(a.shape)}")
-    return a
-
-
-def load_matrix(members: list[Member], kind: str) -> torch.Tensor:
-    """(M, T) float32, one row per snapshot, filled one fp16 file at a time (peak = matrix + one
-    file). Rows in arrival order, so P[:n] is the population after n arrivals, without a copy."""
-    P = torch.empty((len(members), members[0].run[kind]["targets"]), dtype=torch.float32)
-    for i, m in enumerate(members):
-        P[i] = torch.from_numpy(read_cache(m, kind))
-    return P
-
-
 # ---------------------------------------------------------------------------------------------
-# The solver
+# The solvers: active-set Newton (the default, which eval.py's curve refits with), EM and AdamW
 # ---------------------------------------------------------------------------------------------
 
 class Mixture:
@@ -178,53 +100,8 @@ class Fit:
     seconds: float
 
 
-def _gap(g: np.ndarray) -> float:
+def gap_bound(g: np.ndarray) -> float:
     return max(0.0, math.log(float(g.max())))
-
-
-def _em(w, g):
-    w = w * g
-    return w / w.sum()
-
-
-def fit_em(mix: Mixture, w0: np.ndarray, tol: float = TOL, max_steps: int = MAX_EM_STEPS) -> Fit:
-    """SQUAREM-accelerated EM (scheme S3), monotone by safeguard, stopped by the certificate.
-    w0 must be strictly positive: EM never revives a zero weight."""
-    t0, steps = time.perf_counter(), 0
-
-    def evaluate(w):
-        nonlocal steps
-        steps += 1
-        f, g = mix.loss_grad(w)
-        return f, g, _gap(g)
-
-    w0 = np.asarray(w0, dtype=np.float64) / np.sum(w0)
-    f0, g0, gap0 = evaluate(w0)
-    while gap0 > tol and steps < max_steps:
-        w1 = _em(w0, g0)
-        f1, g1, gap1 = evaluate(w1)
-        if gap1 <= tol:
-            w0, f0, g0, gap0 = w1, f1, g1, gap1
-            break
-        w2 = _em(w1, g1)
-        r, v = w1 - w0, (w2 - w1) - (w1 - w0)
-        nv = np.linalg.norm(v)
-        alpha = min(-1.0, -np.linalg.norm(r) / nv) if nv > 0 else -1.0
-        # Extrapolate; back off toward alpha = -1 (which is exactly w2, an EM iterate and so
-        # never worse than w1) while the point leaves the simplex or the loss goes up.
-        for _ in range(4):
-            wp = w0 - 2 * alpha * r + alpha * alpha * v
-            if wp.min() > 0:
-                wp /= wp.sum()
-                fp, gp, gapp = evaluate(wp)
-                if fp <= f1:
-                    break
-            alpha = (alpha - 1) / 2
-        else:
-            wp = w2
-            fp, gp, gapp = evaluate(wp)
-        w0, f0, g0, gap0 = wp, fp, gp, gapp
-    return Fit(w0, f0, gap0, steps, time.perf_counter() - t0)
 
 
 def _restricted(PS: torch.Tensor, wS: np.ndarray):
@@ -245,7 +122,7 @@ def _newton(PS: torch.Tensor, wS: np.ndarray, tol: float, max_steps: int = 100):
     while steps < max_steps:
         Pk = PS[torch.from_numpy(keep)] if len(keep) < len(PS) else PS
         f, g, A = _restricted(Pk, wS)
-        if _gap(g) <= tol:
+        if gap_bound(g) <= tol:
             break
         steps += 1
         A32 = A.float()
@@ -298,7 +175,7 @@ def fit_newton(P: torch.Tensor, tol: float = TOL, max_rounds: int = 200) -> Fit:
     for _ in range(max_rounds):
         f, g = Mixture(P, exact).loss_grad(w)
         steps += 1
-        gap = _gap(g)
+        gap = gap_bound(g)
         if exact and gap <= tol:
             break
         # fp32 sums over T tokens carry ~1e-6 relative error: good for finding members that
@@ -322,6 +199,52 @@ def fit_newton(P: torch.Tensor, tol: float = TOL, max_rounds: int = 200) -> Fit:
     return Fit(w, f, gap, steps, time.perf_counter() - t0)
 
 
+
+def _em(w, g):
+    w = w * g
+    return w / w.sum()
+
+
+def fit_em(mix: Mixture, w0: np.ndarray, tol: float = TOL, max_steps: int = MAX_EM_STEPS) -> Fit:
+    """SQUAREM-accelerated EM (scheme S3), monotone by safeguard, stopped by the certificate.
+    w0 must be strictly positive: EM never revives a zero weight."""
+    t0, steps = time.perf_counter(), 0
+
+    def evaluate(w):
+        nonlocal steps
+        steps += 1
+        f, g = mix.loss_grad(w)
+        return f, g, gap_bound(g)
+
+    w0 = np.asarray(w0, dtype=np.float64) / np.sum(w0)
+    f0, g0, gap0 = evaluate(w0)
+    while gap0 > tol and steps < max_steps:
+        w1 = _em(w0, g0)
+        f1, g1, gap1 = evaluate(w1)
+        if gap1 <= tol:
+            w0, f0, g0, gap0 = w1, f1, g1, gap1
+            break
+        w2 = _em(w1, g1)
+        r, v = w1 - w0, (w2 - w1) - (w1 - w0)
+        nv = np.linalg.norm(v)
+        alpha = min(-1.0, -np.linalg.norm(r) / nv) if nv > 0 else -1.0
+        # Extrapolate; back off toward alpha = -1 (which is exactly w2, an EM iterate and so
+        # never worse than w1) while the point leaves the simplex or the loss goes up.
+        for _ in range(4):
+            wp = w0 - 2 * alpha * r + alpha * alpha * v
+            if wp.min() > 0:
+                wp /= wp.sum()
+                fp, gp, gapp = evaluate(wp)
+                if fp <= f1:
+                    break
+            alpha = (alpha - 1) / 2
+        else:
+            wp = w2
+            fp, gp, gapp = evaluate(wp)
+        w0, f0, g0, gap0 = wp, fp, gp, gapp
+    return Fit(w0, f0, gap0, steps, time.perf_counter() - t0)
+
+
 def fit_adamw(P: torch.Tensor, lr: float = ADAMW_LR, steps: int = ADAMW_STEPS) -> Fit:
     """The public code's solver (gradient_select.py): w = softmax(alpha), alpha from 1e-4 N(0, 1)
     (generator seed 0), AdamW without weight decay, gradient norm clipped at 1, probabilities
@@ -339,7 +262,7 @@ def fit_adamw(P: torch.Tensor, lr: float = ADAMW_LR, steps: int = ADAMW_STEPS) -
         opt.step()
     w = torch.softmax(alpha.detach().double(), 0).numpy()
     f, g = Mixture(P, exact=True).loss_grad(w)
-    return Fit(w, f, _gap(g), steps, time.perf_counter() - t0)
+    return Fit(w, f, gap_bound(g), steps, time.perf_counter() - t0)
 
 
 def fit(P: torch.Tensor, solver: str = "newton") -> Fit:
@@ -375,64 +298,9 @@ def budget_fit(P: torch.Tensor, w: np.ndarray, k: int, solver: str = "newton", f
             "loss_renormalised": mixture_loss(P, dense), "fit": refit}
 
 
-def default_budgets(m: int) -> list[int]:
-    ks = [1 << i for i in range(m.bit_length()) if (1 << i) < m]
-    return ks + [m]
-
-
-def parse_budgets(text: str | None, m: int) -> list[int]:
-    if text is None:
-        return default_budgets(m)
-    try:
-        ks = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        die(f"--budgets {text!r}: expected comma-separated integers, e.g. 1,2,4")
-    if not ks or ks[0] < 1 or ks[-1] > m:
-        die(f"--budgets {text}: each K must be between 1 and the population size {m}")
-    return ks
-
-
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
-
-_CLAIMS: list[int] = []  # outputs this command holds (their lock fds), released when it returns
-
-
-def claim(path: Path, flag: str = "--out") -> int:
-    """Refuse an output that exists, and hold it against a second writer until the command ends
-    (train_q0.claim_output): checked before any work, so nothing is computed for nothing."""
-    if path.exists():
-        die(f"{path} exists and is never overwritten; choose another path with {flag}")
-    try:
-        _CLAIMS.append(train_q0.claim_output(path))
-    except train_q0.UsageError as e:
-        die(str(e))
-    except OSError as e:  # a read-only folder, a path under a file
-        die(f"cannot write {path} ({e.strerror}); choose a writable path with {flag}")
-    return _CLAIMS[-1]
-
-
-def releasing_claims(command):
-    """Run a command's main and release its outputs however it ends (one process may run several)."""
-    def run(argv=None):
-        try:
-            return command(argv)
-        finally:
-            while _CLAIMS:
-                os.close(_CLAIMS.pop())
-    return run
-
-
-def write_new(path: Path, text: str, flag: str = "--out", replace: bool = False):
-    """Atomic (train_q0's writer) and, unless replace, never clobbering: the file is linked into
-    place, which fails if the name exists, even if it appeared a moment ago."""
-    try:
-        train_q0.atomic_write_text(path, text, replace=replace)
-    except train_q0.UsageError as e:
-        exists = Path(path).exists() and not replace
-        die(f"{path} exists and is never overwritten; choose another path with {flag}" if exists else str(e))
-
 
 def member_ref(m: Member, base: Path) -> dict:
     """How prior.json names a snapshot: run directory relative to the prior file (so the tree
@@ -445,8 +313,7 @@ def build_prior(members, full: Fit, budgets: list[dict], solver: str, out: Path,
     run = members[0].run
     base = out.parent
     return {
-        "format": "q0-prior", "version": 1,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **q0_run.json_header("q0-prior", PRIOR_VERSION),
         "runs": sorted({os.path.relpath(m.run_dir.resolve(), base.resolve()) for m in members}),
         "tokenizer": run.get("tokenizer"),
         "fitness": {"sha256": run["fitness"].get("sha256"), "tokens": run["fitness"].get("tokens"),
@@ -488,11 +355,11 @@ def table(prior: dict, members) -> str:
     return "\n".join(lines)
 
 
-RANGES = {"runs": train_q0.PATH, "out": train_q0.PATH, "budgets": train_q0.TEXT, "solver": train_q0.CHOICE}
+RANGES = {"runs": PATH, "out": PATH, "budgets": TEXT, "solver": CHOICE}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = train_q0.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", help="run directories (a population may span several)")
     ap.add_argument("--out", help="prior file to write (default: <first run>/prior.json); never overwritten")
     ap.add_argument("--budgets", help="inference budgets K, comma-separated (default 1,2,4,... and M)")
@@ -502,28 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def parse_checked(parser: argparse.ArgumentParser, ranges: dict, argv=None) -> argparse.Namespace:
-    """Parse and check every flag against its range: any bad value is one `error:` line, exit 2."""
-    try:
-        args = parser.parse_args(argv)
-        errors = train_q0.range_errors(parser, args, ranges)
-    except train_q0.UsageError as e:
-        die(str(e))
-    if errors:
-        die(errors[0])
-    return args
-
-
-@releasing_claims
-def main(argv=None):
-    args = parse_checked(build_parser(), RANGES, argv)
-
-    out = Path(args.out) if args.out else Path(args.runs[0]) / "prior.json"
-    claimed = claim(out)  # noqa: F841 - held until exit
-    try:
-        members = load_population(args.runs)
-    except train_q0.UsageError as e:  # an unreadable run.json or snapshot record
-        die(str(e))
+def fit_population(args, out: Path) -> tuple[dict, list[Member]]:
+    """The prior of the runs' population: every snapshot's fitness cache, the full fit, each budget."""
+    members = load_population(args.runs)
     for note in unfinished_runs(members):
         print(note)
     ks = parse_budgets(args.budgets, len(members))
@@ -531,14 +379,19 @@ def main(argv=None):
     full = fit(P, args.solver)
     budgets = [budget_fit(P, full.w, k, args.solver, full) for k in ks]
     uniform = mixture_loss(P, np.full(len(P), 1.0 / len(P)))
-    prior = build_prior(members, full, budgets, args.solver, out, uniform)
-    try:
-        write_new(out, json.dumps(prior, indent=1) + "\n")
-    except OSError as e:  # a read-only run folder, a full disk
-        die(f"cannot write {out} ({e.strerror}); choose a writable path with --out")
+    return build_prior(members, full, budgets, args.solver, out, uniform), members
+
+
+@command
+def main(argv=None):
+    args = parse_checked(build_parser(), RANGES, argv)
+    out = Path(args.out) if args.out else Path(args.runs[0]) / "prior.json"
+    with q0_run.claim_output(out):  # held from before any work: nothing is computed for nothing
+        prior, members = fit_population(args, out)
+        q0_run.write_output(out, json.dumps(prior, indent=1) + "\n")
     print(table(prior, members))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,8 @@ this module holds the run around it, in reading order:
   collectives             every collective, on the device its group's backend takes
   data for one run        the training stream's tokens, the fitness set, the validation set
   the run directory       run.json, logs, snapshot files and records, caches, checkpoints
-  the prior               prior.json and its members (--distil-from and eval.py share them)
+  the prior               prior.json and its members (--distil-from and eval.py share them), the
+                          population it is fitted on and its certified fit (fit_prior.py, eval.py)
   population layout       bases on process groups, the device batch
   preflight plan          FLOPs, memory, disk and hours, traced on fake tensors
   processes               process groups, heartbeats, start and finish of a training run
@@ -24,6 +25,7 @@ import dataclasses
 import datetime
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
@@ -614,17 +616,93 @@ def probs_to_cache(probs: np.ndarray) -> np.ndarray:
     return np.maximum(probs, PROB_FLOOR).astype(np.float16)
 
 
+CACHE_KINDS = {"fitness": "fitness", "val": "validation"}  # a record's <kind>_probs, as errors name them
+
+
+class CachedProbs:
+    """One snapshot's cache of `kind` ("fitness" or "val"), checked: float16[targets], the bytes its
+    record's SHA-256 names. The one reader of caches (fit_prior.py, eval.py, the population line):
+    read() hands out consecutive chunks, hashed on the way, so a file is read from disk once and
+    never held whole; check() after the last chunk (the record's hash is of the whole file)."""
+
+    def __init__(self, run_dir, record: dict, kind: str, targets: int):
+        self.name = f"{run_dir}:{record['id']}"
+        if record.get(f"{kind}_probs") is None:
+            raise UsageError(f"{self.name} has no cached {CACHE_KINDS[kind]} probabilities; evaluate with --forward")
+        self.path, self.expect = Path(run_dir) / record[f"{kind}_probs"], record[f"{kind}_probs_sha256"]
+        if not self.path.is_file():
+            raise UsageError(f"{self.path} is missing (snapshot {self.name}); evaluate with --forward")
+        with open(self.path, "rb") as f:
+            shape, dtype = self._header(f)
+            self.offset, size = f.tell(), os.fstat(f.fileno()).st_size
+            f.seek(0)
+            self.hash = hashlib.sha256(f.read(self.offset))
+        if dtype != np.float16 or shape != (targets,):
+            raise UsageError(f"{self.path}: expected float16[{targets}], found {dtype}{list(shape)}")
+        if size != self.offset + 2 * targets:  # cut short or added to: not the bytes the record hashed
+            raise self._changed()
+
+    def _header(self, f) -> tuple[tuple, np.dtype]:
+        """The .npy header, parsed without loading anything: a pickled object array is never unpickled."""
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            why = "pickled objects" if dtype.hasobject else None
+        except ValueError as e:  # not .npy at all, or a damaged header
+            why = type(e).__name__
+        if why:
+            raise UsageError(f"{self.path}: not a plain .npy probability cache ({why}); move it away and retrain "
+                             f"or rescore snapshot {self.name}")
+        return shape, dtype
+
+    def read(self, s: int, e: int) -> np.ndarray:
+        """Targets [s, e): call with consecutive chunks from 0, in order (each is hashed)."""
+        out = np.empty(e - s, dtype=np.float16)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + 2 * s)
+            if f.readinto(out) != out.nbytes:  # the file shrank since it was opened
+                raise self._changed()
+        self.hash.update(out)
+        return out
+
+    def check(self):
+        if self.hash.hexdigest() != self.expect:
+            raise self._changed()
+
+    def _changed(self) -> UsageError:
+        return UsageError(f"{self.path}: SHA-256 differs from its snapshot record; the cache changed after it was "
+                          f"written")
+
+
+def cached_probs(run_dir, record: dict, kind: str, targets: int) -> np.ndarray:
+    """A snapshot's whole cache of `kind`, checked before it is used (CachedProbs)."""
+    cache = CachedProbs(run_dir, record, kind, targets)
+    probs = cache.read(0, targets)
+    cache.check()
+    return probs
+
+
 def mean_nll(probs: np.ndarray) -> float:
     return float(-np.log(probs.astype(np.float64)).mean())
 
 
+def carries_bytes(targets: np.ndarray, bos_id: int) -> np.ndarray:
+    """The targets bits per byte counts: all but BOS. A BOS target carries no bytes (the bytes it
+    divides by are the documents' text), so it carries no nats either."""
+    return targets != bos_id
+
+
+def nats_to_bpb(nats: float, text_bytes: int | None) -> float | None:
+    """Bits per byte of `nats` summed over the targets that carry bytes; None when the bytes are unknown."""
+    return nats / (math.log(2) * text_bytes) if text_bytes else None
+
+
 def bits_per_byte(probs: np.ndarray, targets: np.ndarray, bos_id: int, text_bytes: int | None) -> float | None:
-    """The record's bits per byte: the nats of every target but BOS (a BOS target carries no bytes,
-    so it carries no nats either) over the UTF-8 bytes of the targets, in bits."""
+    """The record's bits per byte: the nats of the targets that carry bytes, over their UTF-8 bytes."""
     if not text_bytes:
         return None
-    keep = targets != bos_id
-    return float(-np.log(probs[keep].astype(np.float64)).sum() / (math.log(2) * text_bytes))
+    return nats_to_bpb(float(-np.log(probs[carries_bytes(targets, bos_id)].astype(np.float64)).sum()), text_bytes)
 
 
 def save_snapshot(run_dir: Path, record: dict, state: dict, fitness: np.ndarray, val: np.ndarray | None):
@@ -649,7 +727,8 @@ def snapshot_record(sid: str, base: int, cycle: int, step: int, base_epochs: flo
 
 class PopulationTracker:
     """The uniform ensemble of every snapshot on disk so far, from the cached validation
-    probabilities; each file is read once (a running sum), so cost stays linear in snapshots."""
+    probabilities (read and checked as fit_prior.py and eval.py read them: cached_probs); each file
+    is read once (a running sum), so cost stays linear in snapshots."""
 
     def __init__(self, run_dir: Path):
         self.run_dir, self.records, self.prob_sum, self.all_cached = run_dir, [], 0.0, True
@@ -661,7 +740,8 @@ class PopulationTracker:
                 continue
             self.records.append(r)
             if r.get("val_probs"):
-                self.prob_sum = self.prob_sum + np.load(self.run_dir / r["val_probs"]).astype(np.float64)
+                targets = load_run(self.run_dir)["val"]["targets"]
+                self.prob_sum = self.prob_sum + cached_probs(self.run_dir, r, "val", targets).astype(np.float64)
             else:
                 self.all_cached = False  # one member without a cache: no uniform number rather than a wrong one
         n = len(self.records)
@@ -719,7 +799,7 @@ def clock(seconds: float) -> str:
 
 
 # =============================================================================================
-# The prior and its members (--distil-from, and eval.py --prior)
+# The prior and its members (--distil-from, and eval.py --prior), its population and its fit
 # =============================================================================================
 
 def read_prior(path: Path) -> dict:
@@ -736,6 +816,35 @@ def read_prior(path: Path) -> dict:
     return prior
 
 
+def check_prior(path: Path, prior: dict, refs: list[dict], fitness_sha256: str, than: str, records: dict | None = None,
+                flag: str = "") -> list[tuple[Path, dict]]:
+    """The prior at `path` against the runs that use it (eval.py --prior, --distil-from): fitted on
+    their fitness tokens (`than` names those tokens and the fix), and each member in `refs` (its
+    population, or a budget's) still there and unchanged since the fit (weights SHA-256). A member's
+    record is looked up in `records` ({(run dir, id): record}, the runs given) or, without them, read
+    from its run directory. Returns (run dir, record) for each ref. `flag` names the prior's flag."""
+    who = f"{flag} {path}" if flag else str(path)
+    if prior["fitness"]["sha256"] != fitness_sha256:
+        raise UsageError(f"{who} was fitted on another fitness set than {than}")
+    out = []
+    for ref in refs:
+        run_dir = (path.parent / ref["run"]).resolve()  # relative to the prior: the tree may move
+        record_path = run_dir / "snapshots" / f"{ref['id']}.json"
+        if records is not None:
+            record = records.get((run_dir, ref["id"]))
+        else:
+            record = read_json(record_path, "rerun its training command to repair it") if record_path.is_file() else None
+        if record is None:
+            why = "whose run was not given; give that run too, or" if record_path.is_file() else "which is gone;"
+            raise UsageError(f"{who} was fitted on snapshot {ref['id']} of {run_dir}, {why} refit the prior with "
+                             f"fit_prior.py")
+        if record["weights_sha256"] != ref["weights_sha256"]:
+            raise UsageError(f"snapshot {run_dir}:{ref['id']} changed since {path} was fitted (weights SHA-256 "
+                             f"differs); refit the prior with fit_prior.py")
+        out.append((run_dir, record))
+    return out
+
+
 def distil_members(path: Path, k: int, data: RunData, seq_len: int) -> tuple[int, list[dict]]:
     """Budget K of the prior at `path` (0: its largest), checked against this run's data and the
     disk: (K, its members of nonzero weight, those a user of the ensemble runs, as [{run_dir,
@@ -744,27 +853,18 @@ def distil_members(path: Path, k: int, data: RunData, seq_len: int) -> tuple[int
     if prior.get("tokenizer") != data.tokenizer:
         raise UsageError(f"--distil-from {path} is a prior of {prior.get('tokenizer')} tokens and this run's data "
                          f"is {data.tokenizer}; distil on the data its members were trained on (--data-dir)")
-    if prior["fitness"]["sha256"] != tokens_sha256(data.fitness):
-        raise UsageError(f"--distil-from {path} was fitted on another fitness set than this run's (different "
-                         f"--data-dir, --fitness-tokens or --train-tokens); use the flags of the members' run")
     budgets = {b["K"]: b for b in prior["budgets"]}
     k = k or max(budgets)
     if k not in budgets:
         larger = "larger than the prior, whose budgets are" if k > max(budgets) else "not a budget of the prior:"
         raise UsageError(f"--distil-k {k} is {larger} {sorted(budgets)}; choose one of them, or fit that budget "
                          f"with `python fit_prior.py RUN_DIR --budgets {k} --out PRIOR`")
+    chosen = [(ref, w) for ref, w in zip(budgets[k]["members"], budgets[k]["weights_refitted"]) if w > 0]
+    found = check_prior(path, prior, [ref for ref, _ in chosen], tokens_sha256(data.fitness),
+                        "this run's (different --data-dir, --fitness-tokens or --train-tokens); use the flags of "
+                        "the members' run", flag="--distil-from")
     out = []
-    for ref, w in zip(budgets[k]["members"], budgets[k]["weights_refitted"]):
-        if w <= 0:
-            continue
-        run_dir = (path.parent / ref["run"]).resolve()
-        record_path = run_dir / "snapshots" / f"{ref['id']}.json"
-        if not record_path.is_file():
-            raise UsageError(f"--distil-from {path}: member {ref['id']} of {run_dir} is gone; refit the prior")
-        record = read_json(record_path, "rerun its training command to repair it")
-        if record["weights_sha256"] != ref["weights_sha256"]:
-            raise UsageError(f"snapshot {run_dir.name}:{ref['id']} changed since {path} was fitted (weights SHA-256 "
-                             f"differs); refit the prior with fit_prior.py")
+    for (run_dir, record), (ref, w) in zip(found, chosen):
         member_run = load_run(run_dir)
         if member_run["vocab_size"] != data.vocab_size or member_run["seq_len"] < seq_len:
             raise UsageError(f"member {ref['id']} of {run_dir} has vocabulary {member_run['vocab_size']} and sequence "
@@ -778,6 +878,76 @@ def teacher_record(members: list[dict]) -> list[dict]:
     """An ensemble student's teacher as run.json records it (a resume must find the same members)."""
     return [{"snapshot": f"{d['run_dir']}:{d['record']['id']}", "weights_sha256": d["record"]["weights_sha256"],
              "weight": d["weight"]} for d in members]
+
+
+# The population a prior is fitted on: every snapshot of one or more runs, and their fitness
+# caches as one matrix (fit_prior.py fits prior.json on it; eval.py refits the curve's prior).
+
+@dataclasses.dataclass
+class Member:
+    """One snapshot of a population: its run directory (as given), run.json and record."""
+    run_dir: Path
+    run_index: int  # which of the given runs; two runs may each have a "base 0"
+    run: dict
+    record: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.run_dir}:{self.record['id']}"
+
+
+def load_population(run_dirs) -> list[Member]:
+    """Every snapshot of every run, in arrival order (cycle, run, base). Refuses runs whose
+    fitness sets, validation sets or tokenisers differ: their probabilities do not compare."""
+    members, first = [], None
+    for j, d in enumerate(run_dirs):
+        d = Path(d)
+        if not (d / "run.json").is_file():
+            raise UsageError(f"{d}: not a run directory (no run.json); make one with `python train_q0.py`")
+        run = load_run(d)
+        ident = {"tokenizer": run.get("tokenizer"), "fitness": run["fitness"].get("sha256"),
+                 "fitness targets": run["fitness"].get("targets"), "val": run["val"].get("sha256"),
+                 "val targets": run["val"].get("targets")}
+        if first is None:
+            first = (d, ident)
+        for key in ident:
+            if ident[key] != first[1][key]:
+                raise UsageError(f"{d} and {first[0]} have different {key} ({ident[key]} vs {first[1][key]}); "
+                                 f"a prior or ensemble mixes only snapshots scored on the same tokens")
+        recs = list_snapshots(d)
+        if not recs:
+            raise UsageError(f"{d}: no snapshots yet (a snapshot is written at the end of every cycle)")
+        members += [Member(d, j, run, r) for r in recs]
+    members.sort(key=lambda m: (m.record["cycle"], m.run_index, m.record["base"]))
+    return members
+
+
+def load_matrix(members: list[Member], kind: str) -> torch.Tensor:
+    """(M, T) float32, one row per snapshot, filled one fp16 file at a time (peak = matrix + one
+    file, each checked: CachedProbs). Rows in arrival order, so P[:n] is the population after
+    n arrivals, without a copy."""
+    targets = members[0].run[kind]["targets"]
+    P = torch.empty((len(members), targets), dtype=torch.float32)
+    for i, m in enumerate(members):
+        P[i] = torch.from_numpy(cached_probs(m.run_dir, m.record, kind, targets))
+    return P
+
+
+def default_budgets(m: int) -> list[int]:
+    ks = [1 << i for i in range(m.bit_length()) if (1 << i) < m]
+    return ks + [m]
+
+
+def parse_budgets(text: str | None, m: int) -> list[int]:
+    if text is None:
+        return default_budgets(m)
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--budgets {text!r}: expected comma-separated integers, e.g. 1,2,4") from None
+    if not ks or ks[0] < 1 or ks[-1] > m:
+        raise UsageError(f"--budgets {text}: each K must be between 1 and the population size {m}")
+    return ks
 
 
 # =============================================================================================
@@ -1054,14 +1224,17 @@ def check_disk(plan: dict, run_dir: Path):
 # Processes: process groups, heartbeats, the start and the finish of a training run
 # =============================================================================================
 
-def setup_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
+def setup_distributed(timeout_minutes: float, cuda: bool | None = None) -> tuple[int, int, torch.device]:
+    """(world, rank, this process's device): NCCL on cuda:LOCAL_RANK under torchrun, else gloo on
+    the CPU. `cuda`: whether to use CUDA (default: where it is available; eval.py --device cpu: not)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if dist.is_initialized():  # a group the caller started (the tests' fake world of 8)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         return dist.get_world_size(), dist.get_rank(), device
     if "RANK" not in os.environ:
-        return 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 1, 0, torch.device("cuda" if cuda else "cpu")
     timeout = datetime.timedelta(minutes=timeout_minutes)  # torch's default is 30 minutes (gloo)
-    if torch.cuda.is_available():
+    if cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)

@@ -10,7 +10,6 @@ earlier q0 whose eval.py kept a float64 running sum per weighting per validation
 the same population side by side (its results must equal ours). The folder (--work, default a
 temporary one) is reused by a rerun.
 """
-import argparse
 import json
 import subprocess
 import sys
@@ -21,12 +20,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train_q0 as q0  # noqa: E402
-from data.shards import write_shard  # noqa: E402
+from data.shards import ArgumentParser, UsageError, command, load_split, write_shard  # noqa: E402
 
 
 def build_data(folder: Path, val_tokens: int):
-    source = q0.load_split(ROOT / "data/shakespeare/bytes", "train")
+    source = load_split(ROOT / "data/shakespeare/bytes", "train")
     if (folder / "val.q0t").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,7 +32,7 @@ def build_data(folder: Path, val_tokens: int):
     cut = 200_000
     val = np.concatenate([[bos], tokens[cut:cut + val_tokens - 1]])
     if val.size < val_tokens:
-        sys.exit(f"error: the plays hold {tokens.size - cut:,} bytes after the training part; lower --val-tokens")
+        raise UsageError(f"the plays hold {tokens.size - cut:,} bytes after the training part; lower --val-tokens")
     fields = dict(vocab_size=source.vocab_size, bos_id=bos, tokenizer=source.tokenizer,
                   token_bytes=source.token_bytes, command="python " + " ".join(sys.argv))
     train = np.concatenate([tokens[:2000], [bos], tokens[2000:cut]])  # a 2,000-byte first document: the fitness set
@@ -45,7 +43,7 @@ def build_data(folder: Path, val_tokens: int):
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if r.returncode:
-        sys.exit(f"error: {' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+        raise UsageError(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
     return r
 
 
@@ -63,19 +61,20 @@ def eval_rss(repo: Path, run_dir: Path, out: Path) -> tuple[float, dict]:
 def weightings(run_dir: Path) -> int:
     """What eval.py scores by default: the uniform ensemble, the prior's weightings, the curve's."""
     import eval as ev
-    import fit_prior
-    pop, _ = ev.split_students(fit_prior.load_population([str(run_dir)]))
+    import q0_run
+    pop, _ = ev.split_students(q0_run.load_population([str(run_dir)]))
     _, prior_weightings = ev.load_prior(run_dir / "prior.json", pop, None)
     return 1 + len(prior_weightings) + len(ev.curve_weightings(pop, ev.curve_points(len(pop), 64)))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@command
+def main(argv=None):
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--val-tokens", type=int, default=1_000_000)
     ap.add_argument("--cycles", type=int, default=4)
     ap.add_argument("--old-repo", type=Path, help="an earlier q0 checkout to compare with")
     ap.add_argument("--work", type=Path, help="where data and runs go (default: a temporary folder)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     work = a.work or Path(tempfile.mkdtemp(prefix="q0-eval-memory-"))
     data = work / "data"
     build_data(data, a.val_tokens)
@@ -98,4 +97,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

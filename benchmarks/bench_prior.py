@@ -6,7 +6,6 @@ Probabilities are made to look like a q0 population: per-token difficulty shared
 per-snapshot quality, and noise correlated along each base's chain of snapshots (consecutive
 snapshots of a base are near-duplicates, which is what makes mixture fits slow for plain EM).
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fit_prior  # noqa: E402
+from data.shards import ArgumentParser, command  # noqa: E402
 
 
 def synthetic_probs(snapshots: int, tokens: int, bases: int = 5, seed: int = 0) -> np.ndarray:
@@ -33,13 +33,14 @@ def synthetic_probs(snapshots: int, tokens: int, bases: int = 5, seed: int = 0) 
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@command
+def main(argv=None):
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--snapshots", type=int, default=1000)
     ap.add_argument("--tokens", type=int, default=132_000)
     ap.add_argument("--bases", type=int, default=5)
     ap.add_argument("--adamw", action="store_true", help="also time the public AdamW solver")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     t0 = time.perf_counter()
     probs = synthetic_probs(args.snapshots, args.tokens, args.bases)
     t1 = time.perf_counter()
@@ -59,4 +60,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

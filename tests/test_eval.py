@@ -97,6 +97,25 @@ def test_eval_bad_inputs(population, tmp_path):
     assert_clean_error(cli("eval.py", run, "--out", out), "exists", "--out")
 
 
+def test_a_prior_over_two_runs_needs_both(tmp_path):
+    """A prior fitted on two runs names the run that was left off the command line (its snapshots
+    are on disk), rather than calling them gone."""
+    a = make_run(tmp_path, "a", synthetic(2, 300, 15), synthetic(2, 200, 16))
+    b = make_run(tmp_path, "b", synthetic(2, 300, 17), synthetic(2, 200, 18))
+    assert cli("fit_prior.py", a, b, "--out", tmp_path / "p.json").returncode == 0
+    assert_clean_error(cli("eval.py", a, "--prior", tmp_path / "p.json"), f"of {b}, whose run was not given")
+    assert cli("eval.py", a, b, "--prior", tmp_path / "p.json").returncode == 0
+
+
+def test_the_cached_path_never_imports_the_trainer(population, tmp_path):
+    """Only --forward runs the model: the cached path stands on q0_run.py, and main returns 0."""
+    run, _, _ = population
+    code = (f"import sys, eval; code = eval.main([{str(run)!r}, '--out', {str(tmp_path / 'e.json')!r}]); "
+            f"sys.exit(code or 'train_q0' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "e.json").is_file(), r.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # A tiny real run: the cached path against forward passes, and two processes against one
 # ---------------------------------------------------------------------------------------------

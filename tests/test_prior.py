@@ -5,7 +5,6 @@ snapshots/bBcC.json records, fp16 .fitness.npy/.val.npy caches); test_eval.py re
 """
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +16,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import fit_prior  # noqa: E402
-import train_q0  # noqa: E402
+import q0_run  # noqa: E402
 from conftest import BYTES_TABLE  # noqa: E402
-from data.shards import write_shard  # noqa: E402
+from data.shards import tokens_sha256, write_shard  # noqa: E402
 
 
 def sha(path: Path) -> str:
@@ -54,7 +53,7 @@ def make_run(root: Path, name: str, fit: np.ndarray, val: np.ndarray | None, bas
         "format": "q0-run", "version": 2, "tokenizer": tokenizer, "vocab_size": 256, "bos_id": 0, "seq_len": 32,
         "fitness": {"tokens": fit.shape[1] + 1, "targets": fit.shape[1], "sha256": fitness_sha},
         "val": {"path": str(d / "val.q0t"), "tokens": tv + 1, "targets": tv, "text_bytes": text_bytes,
-                "sha256": train_q0.tokens_sha256(tokens)}}))
+                "sha256": tokens_sha256(tokens)}}))
     for i in range(len(fit)):
         b, c = i % bases, i // bases
         sid = f"b{b}c{c}"
@@ -149,14 +148,14 @@ def test_adamw_is_close_but_not_certified():
 def test_budgets_refitted_never_worse_than_renormalised():
     P = torch.from_numpy(synthetic(20, 3000, seed=5).astype(np.float32))
     full = fit_prior.fit(P)
-    for k in fit_prior.default_budgets(20):
+    for k in q0_run.default_budgets(20):
         b = fit_prior.budget_fit(P, full.w, k)
         assert len(b["idx"]) == k and list(b["idx"]) == list(np.argsort(-full.w, kind="stable")[:k])
         assert abs(b["renormalised"].sum() - 1) < 1e-12
         assert b["fit"].loss <= b["loss_renormalised"] + fit_prior.TOL
     assert abs(fit_prior.budget_fit(P, full.w, 20)["loss_renormalised"] - full.loss) < 1e-9
-    assert fit_prior.default_budgets(20) == [1, 2, 4, 8, 16, 20]
-    assert fit_prior.default_budgets(16) == [1, 2, 4, 8, 16]
+    assert q0_run.default_budgets(20) == [1, 2, 4, 8, 16, 20]
+    assert q0_run.default_budgets(16) == [1, 2, 4, 8, 16]
 
 
 def test_duplicate_members_do_not_break_newton():
@@ -234,13 +233,30 @@ def test_cli_refuses_a_snapshot_record_without_its_files(tmp_path):
 
 
 def test_cli_a_second_writer_of_the_same_prior_is_refused(tmp_path):
-    import train_q0
     run = make_run(tmp_path, "a", synthetic(3, 50, seed=1), None)
-    held = train_q0.claim_output(run / "prior.json")  # another fit_prior.py, writing it now
-    assert_clean_error(cli("fit_prior.py", run), "prior.json is being written by another process")
-    os.close(held)  # that writer died: its lock went with it
-    assert cli("fit_prior.py", run).returncode == 0
+    with q0_run.claim_output(run / "prior.json"):  # another fit_prior.py, writing it now
+        assert_clean_error(cli("fit_prior.py", run), "prior.json is being written by another process")
+    assert cli("fit_prior.py", run).returncode == 0  # that writer ended: its claim went with it
     assert (run / "prior.json").is_file() and not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary
+
+
+def test_main_returns_its_exit_code_and_releases_its_claim(tmp_path, capsys):
+    """In one process, as the tests and a notebook run it: 2 and one `error:` line for bad input, 0
+    for a prior written; a refused command leaves no temporary, and its claim ends with it."""
+    run = make_run(tmp_path, "a", synthetic(3, 50, seed=1), None)
+    assert fit_prior.main([str(run), "--budgets", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --budgets 9: each K must be between 1 and"), err
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert fit_prior.main([str(run)]) == 0 and (run / "prior.json").is_file()
+    assert fit_prior.main([str(run)]) == 2 and "prior.json exists" in capsys.readouterr().err
+
+
+def test_fit_prior_never_imports_the_trainer():
+    """fit_prior.py stands on q0_run.py and data/shards.py alone: the experiment is not its floor."""
+    r = subprocess.run([sys.executable, "-c", "import sys, fit_prior; sys.exit('train_q0' in sys.modules)"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
 
 
 def test_cli_notes_a_run_still_training(tmp_path):
