@@ -82,8 +82,9 @@ def slowrun_state_dict(state_dict: dict, cfg: q0.GPTConfig, iha_mix_v: bool = Tr
         for name, shape in names.items():
             if name.endswith("attn.v_mix"):
                 ours[name] = torch.eye(shape[0])
-    if sd:
-        raise UsageError(f"reference state dict has entries q0's model does not know: {sorted(sd)[:4]}; "
+    unknown = sorted(sd) + sorted(set(ours) - set(names))  # left over, or renamed to a name q0's model lacks
+    if unknown:
+        raise UsageError(f"reference state dict has entries q0's model does not know: {unknown[:4]}; "
                          f"check the configuration given with it")
     missing = set(names) - set(ours)
     if missing:

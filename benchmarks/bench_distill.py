@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import q0_run  # noqa: E402
 import train_q0 as q0  # noqa: E402
 
 
@@ -29,31 +30,32 @@ def main():
     opts, rest = parser.parse_known_args()
     args = q0.parse_args(["--preset", opts.preset, *rest])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = q0.load_data(args)
+    data = q0_run.load_data(args)
     cfg = q0.model_config(args, data.vocab_size)
     cycles = q0.plan_cycles(args, data.train.size)
-    layout = q0.make_layout(args, 1, 0, cycles)
+    layout = q0_run.make_layout(args, 1, 0, cycles, q0.device_batch_cap(args))
     with tempfile.TemporaryDirectory() as tmp:
-        log = q0.RunLog(Path(tmp), enabled=False)
-        trainer = q0.BaseTrainer(args, 0, layout, data, cfg, cycles, Path(tmp), log, device)
+        run = q0_run.Run(args, cfg, data, cycles, layout, Path(tmp), q0_run.RunLog(Path(tmp), enabled=False), device)
+        trainer = q0.BaseTrainer(run, 0)
         snapshot = q0.snapshot_state(trainer.model, device)
         trainer.set_teacher(q0.model_from_state(cfg, snapshot, device))
         ensemble = q0.EnsembleTeacher([q0.SnapshotTeacher(q0.model_from_state(cfg, snapshot, device))
                                        for _ in range(opts.ensemble)], [1 / max(opts.ensemble, 1)] * opts.ensemble)
-        kinds = ["plain", "chain"] + ([f"ensemble K={opts.ensemble}"] if opts.ensemble else [])
+        teachers = {"plain": None, "chain": trainer.teacher}
+        if opts.ensemble:
+            teachers[f"ensemble K={opts.ensemble}"] = ensemble
         cycle = cycles[0]
-        seconds = {k: 0.0 for k in kinds}
+        seconds = {k: 0.0 for k in teachers}
         for i in range(opts.warmup + opts.steps):
-            for kind in kinds:
-                trainer.ensemble = ensemble if kind.startswith("ensemble") else None
+            for kind, teacher in teachers.items():
                 t0 = time.perf_counter()
-                trainer.train_step(cycle, i % cycle.steps, kind != "plain").item()
+                trainer.train_step(cycle, i % cycle.steps, teacher).item()
                 if i >= opts.warmup:
                     seconds[kind] += time.perf_counter() - t0
     tokens = opts.steps * cycle.batch_seqs * args.seq_len
     print(f"preset {opts.preset} on {device.type}, {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
           f"{cycle.batch_seqs} x {args.seq_len} tokens a step, {opts.steps} steps of each, interleaved")
-    for kind in kinds:
+    for kind in teachers:
         print(f"{kind:>14}: {tokens / seconds[kind]:,.0f} tokens/s | {seconds['plain'] / seconds[kind]:.3f} x plain")
 
 

@@ -6,9 +6,9 @@
    step, BaseTrainer.train_step; compilation is warm-up, not timed).
 2. Muon: one optimiser step with the matrices stacked by shape (what train_q0 runs) against one
    matrix at a time, on the cpu preset's model and on a wider one.
-3. The loss from hidden states with a GPT-2-sized head: whole logits (distillation_loss) against
-   chunked ones (chunked_distillation_loss), forward + backward with a teacher: time and peak
-   memory (torch's MemTracker over real tensors).
+3. The loss from hidden states with a GPT-2-sized head: whole logits (the tests' oracle,
+   tests/conftest.py's distillation_loss) against chunked ones (chunked_distillation_loss), forward
+   + backward with a teacher: time and peak memory (torch's MemTracker over real tensors).
 Timings alternate between the variants so both see the same machine load.
 """
 import argparse
@@ -19,17 +19,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))
+import q0_run  # noqa: E402
 import train_q0 as q0  # noqa: E402
+from conftest import distillation_loss  # noqa: E402  (the unchunked loss: the tests' oracle)
 
 
 def trainer(preset: str, compile_: str, tmp: Path):
     args = q0.parse_args(["--preset", preset, "--compile", compile_])
-    data = q0.load_data(args)
+    data = q0_run.load_data(args)
     cfg = q0.model_config(args, data.vocab_size)
     cycles = q0.plan_cycles(args, data.train.size)
-    layout = q0.make_layout(args, 1, 0, cycles)
-    return q0.BaseTrainer(args, 0, layout, data, cfg, cycles, tmp, q0.RunLog(tmp, enabled=False), torch.device("cpu"))
+    layout = q0_run.make_layout(args, 1, 0, cycles, q0.device_batch_cap(args))
+    run = q0_run.Run(args, cfg, data, cycles, layout, tmp, q0_run.RunLog(tmp, enabled=False), torch.device("cpu"))
+    return q0.BaseTrainer(run, 0)
 
 
 def tokens_per_second(preset: str, steps: int, warmup: int):
@@ -40,7 +45,7 @@ def tokens_per_second(preset: str, steps: int, warmup: int):
         for i in range(warmup + steps):
             for c, t in runs.items():
                 t0 = time.perf_counter()
-                t.train_step(cycle, i % cycle.steps, distill=False).item()
+                t.train_step(cycle, i % cycle.steps, None).item()
                 seconds[c] += (time.perf_counter() - t0) if i >= warmup else 0.0
     tokens = steps * cycle.batch_seqs * runs["off"].args.seq_len
     eager, compiled = tokens / seconds["off"], tokens / seconds["on"]
@@ -87,7 +92,7 @@ def loss_once(chunked: bool, model, teacher, x, y, tx):
         if chunked:
             loss = q0.chunked_distillation_loss(model, h, y, q0.SnapshotTeacher(teacher), tx, 0.45, 1.2)
         else:
-            loss = q0.distillation_loss(model.logits(h), y, teacher.logits(tx), 0.45, 1.2)
+            loss = distillation_loss(model.logits(h), y, teacher.logits(tx), 0.45, 1.2)
         loss.backward()
     seconds = time.perf_counter() - t0
     peak = max(s["Total"] for s in tracker.get_tracker_snapshot("peak").values())

@@ -14,14 +14,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import q0_run  # noqa: E402
 import train_q0 as q0  # noqa: E402
 
-SPLIT = q0.SLOWRUN_SPLIT
+SPLIT = q0_run.SLOWRUN_SPLIT
+DEVICE_BATCH = 2  # the slowrun preset's (the reference's micro-batch): what the plans and FLOPs are traced at
 
 
 def target(args, gpus=8):
     fitness = args.fitness_tokens
-    return q0.PlanTarget(gpus, "cuda", SPLIT["train"] - fitness, fitness, SPLIT["val"], assumed_data=True)
+    return q0_run.PlanTarget(gpus, "cuda", SPLIT["train"] - fitness, fitness, SPLIT["val"], assumed_data=True)
 
 
 ORDER = [(2, False), (2, True), (8, True), (1, False), (4, True), (4, False), (8, False), (1, True)]
@@ -41,7 +43,8 @@ def main():
     base = q0.parse_args(["--dry-run"])
     cfg = q0.model_config(base, SPLIT["vocab"])
     t0 = time.time()
-    first = q0.trace_step(cfg, base, 2, False, distill=True, memory=(2, False) in order)  # FLOPs (and a cell)
+    first = q0_run.trace_step(q0, cfg, base, DEVICE_BATCH, False, distill=True,
+                              memory=(DEVICE_BATCH, False) in order)  # FLOPs (and a cell)
     print(f"{cfg.n_layer} layers ({cfg.encoder_layers + len(cfg.decoder_order())} block applications per token), "
           f"{first['params']:,} parameters; FLOPs per token: student (forward + backward, chunked loss) "
           f"{first['student_flops_per_token']:.3e}, teacher forward {first['teacher_flops_per_token']:.3e}; Muon "
@@ -52,7 +55,7 @@ def main():
     for name, flags in (("record", []), ("--epochs 256", ["--epochs", "256"])):
         args = q0.parse_args(["--dry-run", *flags])
         cycles = q0.plan_cycles(args, SPLIT["train"] - args.fitness_tokens)
-        plan = q0.plan_run(args, cfg, cycles, target(args), traces=(first, first))
+        plan = q0_run.plan_run(q0, args, cfg, cycles, target(args), DEVICE_BATCH, traces=(first, first))
         step = plan["step_tokens"] * (plan["student_flops_per_token"] + plan["teacher_flops_per_token"]) \
             + plan["optimizer_flops_per_step"]
         print(f"| {name}: {args.bases} bases x {args.cycles} cycles | {plan['snapshots']} | {step:.3e} | "
@@ -60,9 +63,10 @@ def main():
               f"{plan['hours']:,.1f} |", flush=True)
     print("\npeak memory per GPU of a distilling micro-batch (the larger peak), as traced:", flush=True)
     for batch, checkpoint in order:
-        trace = first if (batch, checkpoint) == (2, False) else q0.trace_step(cfg, base, batch, checkpoint, True)
+        trace = first if (batch, checkpoint) == (DEVICE_BATCH, False) else \
+            q0_run.trace_step(q0, cfg, base, batch, checkpoint, True)
         print(f"| device batch {batch} | checkpointing {'on ' if checkpoint else 'off'} | "
-              f"{trace['peak_bytes'] / q0.GIB:.1f} GiB | ({time.time() - t0:.0f} s)", flush=True)
+              f"{trace['peak_bytes'] / q0_run.GIB:.1f} GiB | ({time.time() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,26 @@
 """Shared fixtures: a small real corpus (Shakespeare, bytes) cut into short documents, and a
 helper that runs train_q0.py on it. Short documents keep the fitness set (whole documents from
-the front of the training data) small, so a whole population trains in seconds."""
+the front of the training data) small, so a whole population trains in seconds. Also the oracles
+the tests hold the trainer to: the unchunked distillation loss, a run's log checked for its code,
+and a q0_run.Run of one CPU process for driving a BaseTrainer by hand."""
+import hashlib
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import q0_run  # noqa: E402
 import train_q0  # noqa: E402
 from data.shards import write_shard  # noqa: E402
 
@@ -55,15 +63,67 @@ TINY = ["--preset", "tiny", "--fitness-tokens", "1000", "--train-tokens", "4096"
 
 
 def run_train(data_dir: Path, runs_dir: Path, *flags: str, launcher=(sys.executable,), check=True,
-              timeout=300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """train_q0.py on the tiny preset; `env` adds environment variables (Q0_FAULT for the crash tests)."""
-    cmd = [*launcher, str(REPO / "train_q0.py"), *TINY, "--data-dir", str(data_dir), "--runs-dir", str(runs_dir),
-           *flags]
+              timeout=300, env: dict | None = None, script: str = "train_q0.py",
+              before: tuple = ()) -> subprocess.CompletedProcess:
+    """train_q0.py on the tiny preset; `env` adds environment variables (Q0_FAULT for the crash tests).
+    `script`: a companion that takes train_q0.py's flags after its own arguments `before`
+    (import_slowrun.py DIR)."""
+    cmd = [*launcher, str(REPO / script), *map(str, before), *TINY, "--data-dir", str(data_dir),
+           "--runs-dir", str(runs_dir), *flags]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                             env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def distillation_loss(logits, targets, teacher_logits=None, alpha=0.45, temperature=1.2, mtp=None, mtp_weight=0.0):
+    """The oracle of train_q0.chunked_distillation_loss, from whole logits (B, T, V): CE(student, y)
+    + w MTP without a teacher; with one, (1-a) (CE + w MTP) + a T^2 KL(softmax(teacher/T) ||
+    softmax(student/T)), as the record folds MTP into the ground-truth side of the trade-off."""
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    if mtp is not None and mtp_weight > 0:
+        ce = ce + mtp_weight * mtp
+    if teacher_logits is None:
+        return ce
+    T = temperature
+    kl = F.kl_div(F.log_softmax(logits.flatten(0, 1) / T, dim=-1),
+                  F.log_softmax(teacher_logits.flatten(0, 1) / T, dim=-1),
+                  log_target=True, reduction="batchmean")
+    return (1 - alpha) * ce + alpha * T * T * kl
+
+
+def cpu_run(args, run_dir: Path, cfg=None) -> q0_run.Run:
+    """The q0_run.Run of one CPU process that q0_run.start() resolves for `args` (data, model config,
+    cycles, layout), without a run directory's files: what a BaseTrainer is built from. `cfg`
+    replaces the model config."""
+    data = q0_run.load_data(args)
+    cfg = cfg or train_q0.model_config(args, data.vocab_size)
+    cycles = train_q0.plan_cycles(args, data.train.size)
+    layout = q0_run.make_layout(args, 1, 0, cycles, train_q0.device_batch_cap(args))
+    return q0_run.Run(args, cfg, data, cycles, layout, Path(run_dir), q0_run.RunLog(Path(run_dir), enabled=False),
+                      torch.device("cpu"))
+
+
+CODE_HEADER = re.compile(r"^={100}\n# (\S+) \(sha256 ([0-9a-f]{64})\)\n={100}\n", re.M)
+
+
+def logged_code(run_dir: Path) -> dict[str, str]:
+    """The project files a run's log.txt embeds (q0_run.log_header), {path: text}: each under a header
+    `# <path> (sha256 <hex>)` between lines of '=', the text hashing to that SHA-256 and to the one
+    run.json's "code" records for the path, and every file run.json names embedded."""
+    log, run = (run_dir / "log.txt").read_text(), json.loads((run_dir / "run.json").read_text())
+    out = {}
+    for m in CODE_HEADER.finditer(log):
+        end = log.index("\n" + "=" * 100 + "\n", m.end())  # the next header, or the line closing the code
+        text = log[m.end():end]
+        assert m.group(1) not in out, f"{run_dir}: {m.group(1)} embedded twice"
+        assert hashlib.sha256(text.encode()).hexdigest() == m.group(2), \
+            f"{run_dir}: {m.group(1)} differs from its header"
+        assert run["code"].get(m.group(1)) == m.group(2), f"{run_dir}: {m.group(1)}'s SHA-256 is not run.json's"
+        out[m.group(1)] = text
+    assert set(out) == set(run["code"]), f"{run_dir}: run.json names {sorted(run['code'])}, the log holds {sorted(out)}"
+    return out
 
 
 TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")

@@ -14,6 +14,8 @@ from conftest import REPO, run_train
 sys.path.insert(0, str(REPO))
 import eval as eval_cli  # noqa: E402
 import fit_prior  # noqa: E402
+import import_slowrun  # noqa: E402
+import q0_run  # noqa: E402
 import train_q0  # noqa: E402
 from data import fineweb, shakespeare, shards, text  # noqa: E402
 
@@ -29,7 +31,7 @@ COMMANDS = {  # name -> (module, the arguments a bad flag is added to)
 REPORTED = [["--epochs", "nan"], ["--epochs", "inf"], ["--cycles", "0"], ["--cycles", "-2"],
             ["--cycle-epochs", "nan"], ["--lr-floor", "1"], ["--batch-seqs", "0"], ["--device-batch", "0"],
             ["--seq-len", "0"], ["--dropout", "-0.5"], ["--n-head", "0"], ["--log-every", "0"], ["--seed", "-1"],
-            ["--eval-batch", "0"], ["--lr-matrix", "nan"], ["--distill-temperature", "0"], ["--lr-embed", "-0.1"],
+            ["--eval-batch", "0"], ["--lr-matrix", "nan"], ["--distil-temperature", "0"], ["--lr-embed", "-0.1"],
             ["--dropout", "1.0"], ["--train-tokens", "-5"], ["--val-tokens", "1"], ["--batch-seqs", "-8"],
             ["--seq-len", "-4"]]
 
@@ -79,13 +81,27 @@ def test_every_flag_declares_its_range(name):
     undeclared = sorted(dests - set(module.RANGES))
     assert not undeclared, f"{name}: give these flags a range in RANGES: {undeclared}"
     assert not set(module.RANGES) - dests, f"{name}: RANGES names flags the parser lacks"
+    assert all(isinstance(rule, shards.Range) for rule in module.RANGES.values())  # one Range, data/shards.py's
+
+
+def test_the_runs_flags_are_train_q0s_and_change_no_population():
+    """q0_run adds the run's own flags to train_q0's parser; their ranges are in train_q0.RANGES, and
+    none of them (nor any research-side placement flag) is part of a population."""
+    parser = argparse.ArgumentParser()
+    q0_run.add_run_flags(parser)
+    run_dests = {a.dest for a in parser._actions if a.dest != "help"}
+    assert run_dests == set(q0_run.RUN_RANGES) == q0_run.RUN_FLAGS
+    assert {k: train_q0.RANGES[k] for k in run_dests} == q0_run.RUN_RANGES
+    assert not train_q0.NON_POPULATION_FLAGS & q0_run.RUN_FLAGS
+    population = q0_run.population_config(train_q0.parse_args(["--preset", "tiny"]), train_q0.NON_POPULATION_FLAGS)
+    assert not set(population) & (q0_run.RUN_FLAGS | train_q0.NON_POPULATION_FLAGS) and "lr_matrix" in population
 
 
 def test_a_flag_without_a_range_is_caught():
     parser = train_q0.build_parser()
     parser.add_argument("--new-knob", type=float, default=1.0)
     with pytest.raises(KeyError, match="new_knob"):
-        train_q0.range_errors(parser, parser.parse_args([]), train_q0.RANGES)
+        shards.range_errors(parser, parser.parse_args([]), train_q0.RANGES)
 
 
 def call(module, argv) -> int:
@@ -116,7 +132,7 @@ def finished_run(small_data, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     run_train(small_data, runs, "--cycles", "1")
     run_dir = runs / "tiny-1x1-seed0"
-    assert fit_prior.main([str(run_dir)]) is None
+    assert fit_prior.main([str(run_dir)]) == 0  # a command: 0 on success
     return run_dir
 
 
@@ -148,12 +164,12 @@ def test_pickles_in_place_of_weights_and_caches_are_refused_without_the_unsafe_h
 
     Payload = argparse.Namespace  # any class torch does not allow-list: weights_only refuses it
     torch.save({"x": Payload()}, run / "snapshots" / "b0c1.pt")
-    with pytest.raises(train_q0.UsageError) as caught:
-        train_q0.load_snapshot_model(run, train_q0.list_snapshots(run)[0], check_sha=False)
+    with pytest.raises(shards.UsageError) as caught:
+        train_q0.load_snapshot_model(run, q0_run.list_snapshots(run)[0], check_sha=False)
     assert "weights_only=False" not in str(caught.value) and "b0c1.pt" in str(caught.value)
     np.save(run / "snapshots" / "b0c1.fitness.npy", np.array([Payload()], dtype=object), allow_pickle=True)
     record = json.loads((run / "snapshots" / "b0c1.json").read_text())
-    record["fitness_probs_sha256"] = train_q0.sha256_file(run / "snapshots" / "b0c1.fitness.npy")
+    record["fitness_probs_sha256"] = shards.sha256_file(run / "snapshots" / "b0c1.fitness.npy")
     (run / "snapshots" / "b0c1.json").write_text(json.dumps(record))
     assert call(fit_prior, [run]) == 2
     assert "allow_pickle" not in one_line(capsys, "b0c1.fitness.npy")
@@ -193,11 +209,19 @@ def test_a_diverging_loss_stops_before_any_snapshot(small_data, tmp_path):
     assert not list(tmp_path.glob("*/snapshots/*")) and not list(tmp_path.glob("*/checkpoints/*"))
 
 
-def test_the_data_tools_range_mirrors_train_q0s():
-    """data/shards.py keeps its own copy of train_q0.Range (data/ runs without torch): both accept the
-    same values and say the same words."""
-    for kw in ({"lo": 0}, {"lo": 0, "lo_open": True}, {"lo": 0, "hi": 1, "hi_open": True}, {"lo": 2, "also": (0,)}):
-        ours, theirs = train_q0.Range(**kw), shards.Range(**kw)
-        for v in (-1, 0, 0.5, 1, 2, 3, float("inf"), float("nan")):
-            assert ours.accepts(v) == theirs.accepts(v), (kw, v)
-        assert ours.says(True) == theirs.says(True) and ours.says() == theirs.says()
+def test_parse_errors_raise_usage_errors_and_mains_return_2(tmp_path, capsys):
+    """data/shards.ArgumentParser raises a UsageError (no SystemExit, no usage block); train_q0.main
+    and import_slowrun.main turn it into one `error:` line and 2."""
+    with pytest.raises(shards.UsageError, match="--no-such-flag"):
+        train_q0.build_parser().parse_args(["--no-such-flag"])
+    with pytest.raises(shards.UsageError, match="--seq-len 0: expected an integer >= 1"):
+        train_q0.parse_args(["--seq-len", "0"])
+    assert train_q0.main(["--preset", "tiny", "--no-such-flag"]) == 2
+    one_line(capsys, "--no-such-flag")
+    assert import_slowrun.main([]) == 2                                    # the checkpoint folder comes first
+    one_line(capsys, "python import_slowrun.py DIR")
+    assert import_slowrun.main([tmp_path / "ckpt", "--preset", "tiny", "--cycles", "0"]) == 2
+    one_line(capsys, "--cycles 0")
+    assert import_slowrun.main([tmp_path / "ckpt", "--import-slowrun", tmp_path]) == 2  # the retired flag
+    one_line(capsys, "--import-slowrun")
+    assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,5 @@
 """Crash consistency: the trainer killed just before each of its file commits (a rename, link or
-unlink; Q0_FAULT=kill:N in train_q0.py's Files section), then the same command rerun. Every rerun
+unlink; Q0_FAULT=kill:N, data/shards.py's fault hooks), then the same command rerun. Every rerun
 must end bitwise identical to an uninterrupted run, with no stray file. The default suite runs a
 few commits; `pytest -m slow tests/test_faults.py` runs the whole campaign on 1 process, on
 torchrun with 2 processes and on two loopback "nodes" (c10d rendezvous on 127.0.0.1), and prints
@@ -19,10 +19,11 @@ import pytest
 
 from conftest import REPO, TINY, TORCHRUN_2, run_train, write_bytes_shard, documents, shakespeare_paragraphs
 
-import train_q0 as q0
+import q0_run
+from data import shards
 
 # 2 bases x 3 cycles of 2 steps, distillation, a checkpoint after every step: 39 commits on 1 process
-FLAGS = ("--bases", "2", "--cycles", "3", "--distill-from-cycle", "2", "--checkpoint-minutes", "0",
+FLAGS = ("--bases", "2", "--cycles", "3", "--distil-from-cycle", "2", "--checkpoint-minutes", "0",
          "--train-tokens", "512", "--val-tokens", "512", "--collective-timeout-minutes", "0.2")
 RUN = "tiny-2x3-seed0"
 ENV = {"OMP_NUM_THREADS": "1"}  # torchrun's workers get one thread: the same arithmetic everywhere
@@ -81,8 +82,8 @@ def stop_workers(run_dir: Path):
     if not lock.exists():
         return
     raw = lock.read_bytes()
-    for i in range(0, len(raw), q0.RunLock.SLOT):
-        pid = raw[i:i + q0.RunLock.SLOT].strip()
+    for i in range(0, len(raw), q0_run.RunLock.SLOT):
+        pid = raw[i:i + q0_run.RunLock.SLOT].strip()
         if not pid.isdigit():
             continue
         try:
@@ -107,7 +108,7 @@ def digest(runs: Path) -> dict:
         elif p.name in ("log.txt", "metrics.jsonl", ".lock"):
             out[rel] = "present"
         else:
-            out[rel] = q0.sha256_file(p)
+            out[rel] = shards.sha256_file(p)
     return out
 
 
@@ -235,7 +236,7 @@ def test_a_frozen_node_fails_the_other_naming_its_rank(fault_data, tmp_path):
 
 
 def snapshot_losses(run_dir: Path) -> dict:
-    return {r["id"]: r["val_loss"] for r in q0.list_snapshots(run_dir)}
+    return {r["id"]: r["val_loss"] for r in q0_run.list_snapshots(run_dir)}
 
 
 def test_placement_flags_may_change_on_resume(fault_data, reference, tmp_path):
@@ -270,7 +271,7 @@ def test_one_writer_per_run_folder(fault_data, tmp_path):
     code, _ = launch("1 process", fault_data, tmp_path, {"Q0_FAULT": "kill:8"})  # a run to resume
     assert code == -signal.SIGKILL
     for rank in (0, 1):
-        held = q0.RunLock(tmp_path / RUN, rank)  # this process plays the live writer
+        held = q0_run.RunLock(tmp_path / RUN, rank)  # this process plays the live writer
         code, out = launch("1 process", fault_data, tmp_path)
         os.close(held.fd)
         assert code == 2 and f"error: {tmp_path / RUN} is in use by another trainer (pid {os.getpid()})" in out, out
@@ -318,11 +319,11 @@ def tiny_disk(tmp_path):
 def test_real_full_and_read_only_disks(tiny_disk):
     import torch
     big = {"w": torch.zeros(1 << 19)}  # 2 MiB
-    with pytest.raises(q0.DiskError, match=r"no space left for .*big\.pt: it needs 2\.1 MiB, 1\.0 MiB free"):
-        q0.atomic_torch_save(big, tiny_disk / "big.pt")  # refused before writing a byte
-    with pytest.raises(q0.DiskError, match=r"no space left for .*raw\.pt: it needs more space, \d+ B free"):
-        q0._atomic(tiny_disk / "raw.pt", lambda tmp: torch.save(big, tmp))  # torch's own RuntimeError
+    with pytest.raises(shards.DiskError, match=r"no space left for .*big\.pt: it needs 2\.1 MiB, 1\.0 MiB free"):
+        q0_run.atomic_torch_save(big, tiny_disk / "big.pt")  # refused before writing a byte
+    with pytest.raises(shards.DiskError, match=r"no space left for .*raw\.pt: it needs more space, \d+ B free"):
+        shards.atomic_write(tiny_disk / "raw.pt", lambda tmp: torch.save(big, tmp))  # torch's own RuntimeError
     assert not list(tiny_disk.iterdir())  # no temporary file left
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
-    with pytest.raises(q0.DiskError, match=r"cannot write .*x\.json: Read-only file system"):
-        q0.atomic_write_text(tiny_disk / "x.json", "{}")
+    with pytest.raises(shards.DiskError, match=r"cannot write .*x\.json: Read-only file system"):
+        shards.atomic_write_text(tiny_disk / "x.json", "{}")

@@ -10,8 +10,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import REPO  # noqa: F401  (puts the repository on sys.path)
+from conftest import REPO, cpu_run, distillation_loss
+import q0_run
 import train_q0 as q0
+from data import shards
+from data.shards import UsageError
 
 TINY_CFG = dict(vocab_size=256, n_layer=2, d_model=32, n_head=2, mlp_hidden=64, seq_len=16, short_window=8)
 
@@ -35,15 +38,16 @@ def _cuda_gloo_worker(rank: int, port: int, tokens: np.ndarray, out_dir: str):
         except RuntimeError as e:
             result["refused"] = str(e)
         t = torch.full((3,), float(rank + 1))
-        result["all_reduce"] = q0.all_reduce_(t).tolist()
-        result["all_gather"] = [x.tolist() for x in q0.all_gather(torch.full((2,), float(rank)))]
-        q0.barrier()
+        result["all_reduce"] = q0_run.all_reduce_(t).tolist()
+        result["all_gather"] = [x.tolist() for x in q0_run.all_gather(torch.full((2,), float(rank)))]
+        q0_run.barrier()
         sub = dist.new_group([0, 1])
         torch.manual_seed(0)
         model = q0.GPT(q0.GPTConfig(**TINY_CFG))
         result["probs"] = q0.token_probs(model, tokens, 16, 2, "cpu", sub)
         result["muon"] = muon_steps(sub), muon_steps(None)  # sharded over the 2 ranks, and not
-        result["all_to_all"] = [x.tolist() for x in q0.all_to_all([torch.full((2,), 10.0 * rank + j) for j in range(2)])]
+        parts = [torch.full((2,), 10.0 * rank + j) for j in range(2)]
+        result["all_to_all"] = [x.tolist() for x in q0_run.all_to_all(parts)]
         result["ensemble"] = {k: sharded_ensemble(rank, k, sub) for k in (3, 1)}  # 1 member: rank 1 holds no body
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -90,7 +94,7 @@ def muon_steps(group, steps: int = 3) -> dict:
 
 
 def test_collectives_token_probs_and_the_spread_ensemble_in_a_group_that_refuses_cpu_tensors(small_data, tmp_path):
-    tokens = q0.read_tokens(small_data / "val.q0t").tokens[:150]
+    tokens = shards.read_tokens(small_data / "val.q0t").tokens[:150]
     mp.spawn(_cuda_gloo_worker, args=(free_port(), tokens, str(tmp_path)), nprocs=2)
     torch.manual_seed(0)
     single = q0.token_probs(q0.GPT(q0.GPTConfig(**TINY_CFG)), tokens, 16, 2, "cpu")
@@ -139,18 +143,15 @@ def test_flex_attention_forward_equals_sdpa():
 # --- compilation, precision ----------------------------------------------------------------------
 
 def trainer_for(small_data, tmp_path, *flags):
-    """A BaseTrainer of the tiny preset on the small corpus, as main() builds it (one process)."""
+    """A BaseTrainer of the tiny preset on the small corpus (bytes: 256 tokens), as main() builds it
+    (one process), with a plain model: no looping, no MTP."""
     args = q0.parse_args(["--preset", "tiny", "--fitness-tokens", "1000", "--train-tokens", "4096",
                           "--val-tokens", "2048", "--data-dir", str(small_data), *flags])
     q0.set_kernels(attention=args.attention, autocast=args.autocast)
-    data = q0.load_data(args)
-    cfg = q0.GPTConfig(vocab_size=data.vocab_size, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
+    cfg = q0.GPTConfig(vocab_size=256, n_layer=args.n_layer, d_model=args.d_model, n_head=args.n_head,
                        mlp_hidden=args.mlp_hidden, seq_len=args.seq_len, short_window=args.short_window,
                        dropout=args.dropout)
-    cycles = q0.plan_cycles(args, data.train.size)
-    layout = q0.make_layout(args, 1, 0, cycles)
-    return q0.BaseTrainer(args, 0, layout, data, cfg, cycles, tmp_path, q0.RunLog(tmp_path, enabled=False),
-                          torch.device("cpu"))
+    return q0.BaseTrainer(cpu_run(args, tmp_path, cfg), 0)
 
 
 def test_compiled_run_has_one_graph_and_no_recompiles(small_data, tmp_path, monkeypatch):
@@ -165,9 +166,9 @@ def test_compiled_run_has_one_graph_and_no_recompiles(small_data, tmp_path, monk
     counters.clear()
     rc = q0.main(["--preset", "tiny", "--fitness-tokens", "1000", "--train-tokens", "4096", "--val-tokens", "2048",
                   "--data-dir", str(small_data), "--runs-dir", str(tmp_path), "--compile", "on", "--cycles", "4",
-                  "--device-batch", "2", "--distill-from-cycle", "3", "--cycle-epochs", "0.5",
+                  "--device-batch", "2", "--distil-from-cycle", "3", "--cycle-epochs", "0.5",
                   "--first-cycle-epochs", "0.5"])
-    assert rc == 0 and len(q0.list_snapshots(tmp_path / "tiny-1x4-seed0")) == 4
+    assert rc == 0 and len(q0_run.list_snapshots(tmp_path / "tiny-1x4-seed0")) == 4
     assert dict(counters["graph_break"]) == {}
     # two graphs of GPT.forward in all: the student's training step, and the no-grad forward shared by
     # the teacher and the snapshot evaluation (a fresh module each cycle, compiled once)
@@ -176,14 +177,15 @@ def test_compiled_run_has_one_graph_and_no_recompiles(small_data, tmp_path, monk
 
 
 def first_steps(trainer, steps: int, distill_from: int = 0) -> list[float]:
-    """Losses of the first training steps (distilling from the initial weights from step
-    `distill_from` on, when it is positive)."""
+    """Losses of the first training steps (distilling from the weights at step `distill_from` on,
+    when it is positive)."""
     cycle, out = trainer.cycles[0], []
     for i in range(steps):
         if distill_from and i == distill_from:
             trainer.set_teacher(q0.model_from_state(trainer.cfg, q0.snapshot_state(trainer.model, trainer.device),
                                                     trainer.device))
-        out.append(trainer.train_step(cycle, i, distill=bool(distill_from) and i >= distill_from).item())
+        teacher = trainer.teacher if distill_from and i >= distill_from else None
+        out.append(trainer.train_step(cycle, i, teacher).item())
     return out
 
 
@@ -236,9 +238,9 @@ def test_world_of_eight_runs_main_through_the_default_layout(small_data, tmp_pat
         assert not dist.is_initialized()  # main() closed it
     out = capsys.readouterr().out
     assert "1 group(s) of 8 process(es)" in out and "8 group(s) of 1 process(es)" in out
-    five = sorted(r["id"] for r in q0.list_snapshots(tmp_path / "tiny-5x2-seed0"))
+    five = sorted(r["id"] for r in q0_run.list_snapshots(tmp_path / "tiny-5x2-seed0"))
     assert five == sorted(f"b{b}c{c}" for b in range(5) for c in (1, 2))  # the leader of the one group wrote all
-    eight = sorted(r["id"] for r in q0.list_snapshots(tmp_path / "tiny-8x2-seed0"))
+    eight = sorted(r["id"] for r in q0_run.list_snapshots(tmp_path / "tiny-8x2-seed0"))
     assert eight == ["b0c1", "b0c2", "b5c1", "b5c2"]  # ranks 0 and 5 each trained their own base
 
 
@@ -297,12 +299,13 @@ def test_plan_counts_match_a_direct_count():
     args = q0.parse_args(["--preset", "tiny", "--seq-len", "64", "--short-window", "20", "--device-batch", "2"])
     params, forward, student, muon = direct_counts(args, batch=2)
     cfg = q0.model_config(args, 256)
-    traced = q0.trace_step(cfg, args, device_batch=2, checkpoint=False, distill=True)
+    traced = q0_run.trace_step(q0, cfg, args, device_batch=2, checkpoint=False, distill=True)
     assert traced["params"] == params
     assert traced["teacher_flops_per_token"] == pytest.approx(forward, rel=1e-9)
     assert traced["student_flops_per_token"] == pytest.approx(student, rel=1e-9)
     assert traced["optimizer_flops"] == pytest.approx(muon, rel=1e-9)
-    plain, checkpointed = (q0.trace_step(cfg, args, device_batch=2, checkpoint=c, distill=False) for c in (False, True))
+    plain, checkpointed = (q0_run.trace_step(q0, cfg, args, device_batch=2, checkpoint=c, distill=False)
+                           for c in (False, True))
     assert traced["peak_bytes"] > plain["peak_bytes"] >= 8 * params + plain["optimizer_state_bytes"]  # + activations
     assert checkpointed["peak_bytes"] < plain["peak_bytes"]  # --checkpoint-activations recomputes each block
     assert checkpointed["student_flops_per_token"] > plain["student_flops_per_token"]  # ... at a cost
@@ -315,7 +318,7 @@ def test_checkpointing_keeps_only_block_inputs_per_sequence():
     cfg = q0.model_config(args, 256)
     per_sequence = {}
     for checkpoint in (False, True):
-        peak = [q0.trace_step(cfg, args, b, checkpoint, distill=False)["peak_bytes"] for b in (1, 2)]
+        peak = [q0_run.trace_step(q0, cfg, args, b, checkpoint, distill=False)["peak_bytes"] for b in (1, 2)]
         per_sequence[checkpoint] = peak[1] - peak[0]
     # what stays per sequence is the logits (vocabulary 256) and each block's input: 0.30 measured, 0.56 before
     assert per_sequence[True] < 0.4 * per_sequence[False]
@@ -337,7 +340,7 @@ def test_chunked_loss_equals_the_whole_loss_and_its_gradients():
             loss = q0.chunked_distillation_loss(model, x, idx[:, 1:], q0.SnapshotTeacher(teacher), tx, 0.45, 1.2, mtp,
                                                 0.3, chunk=7)
         else:
-            loss = q0.distillation_loss(model.logits(x), idx[:, 1:], teacher.logits(tx), 0.45, 1.2, mtp, 0.3)
+            loss = distillation_loss(model.logits(x), idx[:, 1:], teacher.logits(tx), 0.45, 1.2, mtp, 0.3)
         loss.backward()
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
@@ -345,11 +348,31 @@ def test_chunked_loss_equals_the_whole_loss_and_its_gradients():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_micro_batch_loss_is_the_whole_loss_with_the_models_mtp_weight():
+    """A training step's loss of one micro-batch (B, T + 1) rows: the forward's hidden states through
+    the chunked loss, with and without a teacher, MTP weighted by the model's own config."""
+    args = q0.parse_args(["--preset", "tiny"])
+    cfg = q0.model_config(args, 256)
+    assert cfg.mtp_weight > 0
+    torch.manual_seed(0)
+    model, teacher = q0.GPT(cfg).eval(), q0.GPT(cfg).eval().requires_grad_(False)  # eval: no dropout
+    rows = torch.randint(0, 256, (3, cfg.seq_len + 1))
+    cpu = torch.device("cpu")
+    for t in (None, q0.SnapshotTeacher(teacher)):
+        got = q0.micro_batch_loss(model, model, t, rows, cpu, None, 0.45, 1.2)
+        with torch.no_grad():
+            x, mtp = model(rows[:, :-1], rows[:, 1:], hidden=True)
+            teacher_logits = teacher(rows[:, :-1]) if t is not None else None
+            want = distillation_loss(model.logits(x), rows[:, 1:], teacher_logits, 0.45, 1.2, mtp, cfg.mtp_weight)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        assert got.requires_grad
+
+
 def test_dry_run_prints_the_plan_and_a_run_that_cannot_fit_is_refused(small_data, tmp_path):
     import subprocess
     import sys
     cmd = [sys.executable, str(REPO / "train_q0.py"), "--preset", "tiny", "--data-dir", str(small_data),
-           "--fitness-tokens", "1000", "--runs-dir", str(tmp_path), "--dry-run", "--distill-from-cycle", "0"]
+           "--fitness-tokens", "1000", "--runs-dir", str(tmp_path), "--dry-run", "--distil-from-cycle", "0"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -357,8 +380,8 @@ def test_dry_run_prints_the_plan_and_a_run_that_cannot_fit_is_refused(small_data
     assert [line.split(":")[1].strip().split()[0] for line in lines] == [f"{params:,}", "FLOPs", "peak", "disk", "at"]
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
     plan = {"disk_gib": 1e9, "snapshots": 480, "snapshot_gib": 3.39}
-    with pytest.raises(q0.UsageError, match=r"needs 1000000000.0 GiB more for 480 snapshots .* GiB free"):
-        q0.check_disk(plan, tmp_path / "runs" / "new")
+    with pytest.raises(UsageError, match=r"needs 1000000000.0 GiB more for 480 snapshots .* GiB free"):
+        q0_run.check_disk(plan, tmp_path / "runs" / "new")
 
 
 def test_row_dropout_masks_follow_the_row_and_compile_with_inductor():

@@ -1,12 +1,13 @@
 """records/: the CPU study's numbers (the rerun with the record's model) are the ones its files and
-the READMEs show, and its ratio arithmetic is right."""
+the READMEs show, its ratio arithmetic is right, and every record run's log holds the code that
+trained it."""
 import importlib.util
 import json
 import math
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, logged_code
 
 SCRIPT = REPO / "records" / "2026-11-23_shakespeare-cpu" / "study.py"
 RECORD = REPO / "records" / "2026-11-24_record-model-cpu"  # its README; the study's output in study/
@@ -41,12 +42,25 @@ def test_tables_are_generated_from_the_json_and_copied_verbatim(study, summary):
     assert tables in (RECORD / "README.md").read_text()
 
 
+def assert_log_holds_the_code(run_dir):
+    """A run written since the trainer became train_q0.py + q0_run.py + data/shards.py: each file under
+    its own header, its text hashing to the header's and run.json's SHA-256 (conftest.logged_code).
+    A run written before (run.json records no "code"; the records committed so far): the log embeds
+    the one file the trainer was, whose main() it shows once."""
+    run = json.loads((run_dir / "run.json").read_text())
+    if "code" in run:
+        code = logged_code(run_dir)
+        assert "train_q0.py" in code and code["train_q0.py"].count("\ndef main(") == 1
+    else:
+        assert (run_dir / "log.txt").read_text().count("def main(") == 1
+
+
 def test_record_runs_hold_the_numbers_the_tables_show(summary):
     top = summary["table"][-1]
     runs = [r["run"] for r in summary["q0"][str(int(top["budget"]))]]
     for run, loss in zip(runs, top["q0_prior"]):
         folder = RECORD / "study" / "runs" / run
-        assert (folder / "log.txt").read_text().count("def main(") == 1          # the code is in the log
+        assert_log_holds_the_code(folder)
         prior = json.loads((folder / "prior.json").read_text())
         evaluation = json.loads((folder / "eval.json").read_text())
         full = max(evaluation["prior"]["budgets"], key=lambda b: b["K"])
@@ -54,3 +68,10 @@ def test_record_runs_hold_the_numbers_the_tables_show(summary):
     records = (REPO / "records" / "README.md").read_text()
     for column in ("q0_prior", "baseline", "best_single"):
         assert f"{sum(top[column]) / len(top[column]):.4f}" in records
+
+
+def test_every_record_runs_log_holds_its_code():
+    folders = sorted(p.parent for p in (REPO / "records").rglob("run.json") if (p.parent / "log.txt").is_file())
+    assert folders  # the committed records have runs
+    for folder in folders:
+        assert_log_holds_the_code(folder)

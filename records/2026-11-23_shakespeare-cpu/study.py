@@ -38,7 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
-import train_q0  # noqa: E402  (epochs_spent: the budget a run's snapshots account for)
+import q0_run  # noqa: E402  (epochs_spent: the budget a run's snapshots account for)
+import train_q0  # noqa: E402  (recipe: the layout of a budget)
 
 PY = sys.executable
 SINGLE_EXTRA = (6, 10, 12, 14)        # finer points near the single model's optimum
@@ -85,7 +86,7 @@ def snapshots(run_dir: Path) -> list[dict]:
 
 
 def single_flags(epochs: float, seed: int) -> list[str]:
-    return ["--cycles", "1", "--first-cycle-epochs", f"{epochs:g}", "--distill-from-cycle", "0",
+    return ["--cycles", "1", "--first-cycle-epochs", f"{epochs:g}", "--distil-from-cycle", "0",
             "--snapshot-noise", "0", "0", "--seed", str(seed)]
 
 
@@ -160,7 +161,7 @@ def q0_result(run_dir: Path, baseline_members: int) -> dict:
             tool("eval.py", run_dir, "--prior", prior_k, "--parts", "prior", "--out", eval_k)
         budgets[k_match] = json.loads(eval_k.read_text())["prior"]["budgets"][0]
     return {
-        "run": run_dir.name, "snapshots": len(recs), "epochs": train_q0.epochs_spent(recs),
+        "run": run_dir.name, "snapshots": len(recs), "epochs": q0_run.epochs_spent(recs),
         "prior_val": full["refitted"]["loss"], "prior_nonzero": nonzero,
         "k_match": k_match, "k_match_val": budgets[k_match]["refitted"]["loss"],
         "k_best_on_val": min(budgets, key=lambda k: (budgets[k]["refitted"]["loss"], k)),
@@ -252,7 +253,7 @@ def students(a, budget: str) -> dict | None:
         recs = json.loads(m.read_text())["snapshots"]
         pick = min(recs, key=lambda r: r["fitness_loss"])
         out["val"].append(pick["val_loss"])
-        out["epochs"].append(train_q0.epochs_spent(json.loads(pop.read_text())["snapshots"]) + pick["base_epochs"])
+        out["epochs"].append(q0_run.epochs_spent(json.loads(pop.read_text())["snapshots"]) + pick["base_epochs"])
     return out
 
 

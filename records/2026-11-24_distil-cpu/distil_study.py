@@ -10,7 +10,7 @@ teacher in every cycle is the prior's budget-K ensemble. Its number is the valid
 snapshot with the lowest fitness loss (chosen on the held-out fitness play, as the single model's
 E* is; never on validation); the last snapshot's is reported too.
 
-Variants (flags on top of the main recipe `--distil-k 8 --epochs 16 --distill-alpha 0.8`):
+Variants (flags on top of the main recipe `--distil-k 8 --epochs 16 --distil-alpha 0.8`):
   main       every budget and seed
   the rest   the 64-epoch population, seed 0 (alpha, init, temperature, K, a 32-epoch student, and
              the teacher on more text: bytes sampled from the ensemble by more_text.py)
@@ -30,12 +30,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PY = sys.executable
-MAIN = ["--distil-k", "8", "--epochs", "16", "--distill-alpha", "0.8"]
+MAIN = ["--distil-k", "8", "--epochs", "16", "--distil-alpha", "0.8"]
 ABLATIONS = {  # name -> (population, seed, flags replacing or adding to MAIN's), most telling first
-    "alpha-0.45": ("q0-e64-s0", 0, ["--distill-alpha", "0.45"]),  # chain distillation's alpha
-    "alpha-1.0": ("q0-e64-s0", 0, ["--distill-alpha", "1.0"]),    # the teacher alone, no ground truth
-    "alpha-0.45-init-best": ("q0-e64-s0", 0, ["--distill-alpha", "0.45", "--distil-init", "best"]),
-    "T-1.0": ("q0-e64-s0", 0, ["--distill-temperature", "1.0"]),
+    "alpha-0.45": ("q0-e64-s0", 0, ["--distil-alpha", "0.45"]),  # chain distillation's alpha
+    "alpha-1.0": ("q0-e64-s0", 0, ["--distil-alpha", "1.0"]),    # the teacher alone, no ground truth
+    "alpha-0.45-init-best": ("q0-e64-s0", 0, ["--distil-alpha", "0.45", "--distil-init", "best"]),
+    "T-1.0": ("q0-e64-s0", 0, ["--distil-temperature", "1.0"]),
     "K-4": ("q0-e64-s0", 0, ["--distil-k", "4"]),
     "epochs-32": ("q0-e64-s0", 0, ["--epochs", "32"]),                # a longer student, 2x the tokens
 }
@@ -44,8 +44,12 @@ ABLATIONS = {  # name -> (population, seed, flags replacing or adding to MAIN's)
 # equal to the 16- and the 32-epoch student's (fewer epochs of the larger data); both seeds.
 SAMPLED = {"sampled-1x": 16, "sampled-1x-long": 32}  # name -> the real-data student whose tokens it matches
 TRAIN_BYTES = 32768  # the cpu preset's --train-tokens
-EXTRA = {"st-e64-s1-alpha-0.45": ("q0-e64-s1", 1, ["--distill-alpha", "0.45"]),  # the alpha-0.45 row's seed 1
+EXTRA = {"st-e64-s1-alpha-0.45": ("q0-e64-s1", 1, ["--distil-alpha", "0.45"]),  # the alpha-0.45 row's seed 1
          "st-e64-s1-epochs-32": ("q0-e64-s1", 1, ["--epochs", "32"])}
+
+
+# Students trained before the --distil-* renaming recorded these names in their population_config.
+OLD_NAMES = {"distil_alpha": "distill_alpha", "distil_temperature": "distill_temperature"}
 
 
 def merged(flags: list[str]) -> list[str]:
@@ -105,8 +109,9 @@ def result(runs: Path, population: str, student: Path) -> dict:
     pop_recs = json.loads((runs / population / "manifest.json").read_text())["snapshots"]
     events = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [e["tokens_per_s"] for e in events if e.get("event") == "step"]
-    return {"student": student.name, "population": population, "flags": {k: cfg[k] for k in (
-                "distil_k", "distil_init", "distill_alpha", "distill_temperature", "epochs")},
+    flags = {k: cfg[k] if k in cfg else cfg[OLD_NAMES[k]]
+             for k in ("distil_k", "distil_init", "distil_alpha", "distil_temperature", "epochs")}
+    return {"student": student.name, "population": population, "flags": flags,
             "teacher_forward_passes": len(cfg["distil_teacher"]),
             "student_tokens": round(last["base_epochs"] * manifest["train"]["tokens"]),
             "sampled_data": "sampled" in cfg["data_dir"],
@@ -192,7 +197,7 @@ def markdown(runs: Path, rows: list[dict], budgets: list[int], seeds: list[int])
         out.append(f"| {b} | {single_txt} | {spread(q0)} ({fps}) | {spread(te)} ({tfp}) | {spread(st)} | "
                    f"{mean([r['student_epochs'] for r in mine]):.1f} | {axis:.1f} | {kept} | {kept_t} |")
     out += more_text_table(runs, rows, seeds)
-    out += ["", "Every student: the main recipe `--distil-k 8 --epochs 16 --distill-alpha 0.8` (st-eE-sS) and "
+    out += ["", "Every student: the main recipe `--distil-k 8 --epochs 16 --distil-alpha 0.8` (st-eE-sS) and "
             "the ablations on the 64-epoch populations, each one change against it (the student picked on "
             "fitness, and its last snapshot):", "",
             "| student | population | K | init | alpha | T | teacher fp | teacher (K) loss | text | student's "
@@ -201,7 +206,7 @@ def markdown(runs: Path, rows: list[dict], budgets: list[int], seeds: list[int])
         f = r["flags"]
         text = "real + sampled" if r.get("sampled_data") else "real"
         out.append(f"| {r['student']} | {r['population']} | {f['distil_k']} | {f['distil_init']} | "
-                   f"{f['distill_alpha']:g} | {f['distill_temperature']:g} | {r['teacher_forward_passes']} | "
+                   f"{f['distil_alpha']:g} | {f['distil_temperature']:g} | {r['teacher_forward_passes']} | "
                    f"{r['teacher_val']:.4f} | {text} | {r['student_tokens']:,} | {r['student_val']:.4f} "
                    f"({r['student_epochs']:.1f}) | {r['student_last_val']:.4f} ({r['student_last_epochs']:.1f}) |")
     return "\n".join(out)

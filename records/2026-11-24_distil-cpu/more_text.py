@@ -24,8 +24,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+import q0_run  # noqa: E402
 import train_q0 as q0  # noqa: E402
-from data.shards import write_shard  # noqa: E402
+from data.shards import find_split, load_split, write_shard  # noqa: E402
 
 
 def parse():
@@ -60,8 +61,8 @@ def sample(models, weights, prompts: torch.Tensor, new: int, gen: torch.Generato
 def main():
     a = parse()
     args = q0.parse_args(["--preset", "cpu", "--distil-from", str(a.prior), "--distil-k", str(a.k)])
-    data = q0.load_data(args)
-    members = q0.distil_members(args, data)
+    data = q0_run.load_data(args)
+    _, members = q0_run.distil_members(Path(args.distil_from), args.distil_k, data, args.seq_len)
     models = [q0.load_snapshot_model(m["run_dir"], m["record"]).eval() for m in members]
     weights = [m["weight"] for m in members]
     rng = np.random.default_rng(a.seed)
@@ -79,7 +80,7 @@ def main():
     seconds = time.perf_counter() - t0
     samples = np.concatenate(docs)                                      # (n, length)
     text = np.concatenate([np.full((samples.shape[0], 1), bos), samples], axis=1).ravel()
-    source = q0.load_split(args.data_dir, "train")
+    source = load_split(args.data_dir, "train")
     kept = data.fitness.size + data.train.size  # the members' fitness set and training tokens, as they were
     assert np.array_equal(source.tokens[:kept], np.concatenate([data.fitness, data.train]))
     tokens = np.concatenate([source.tokens[:kept], text]).astype(np.int64)
@@ -87,7 +88,7 @@ def main():
     command = "python " + " ".join(sys.argv)
     write_shard(a.out / "train.q0t", tokens, vocab_size=source.vocab_size, bos_id=bos, tokenizer=source.tokenizer,
                 token_bytes=source.token_bytes, command=command)
-    shutil.copyfile(q0.find_split(args.data_dir, "val")[0], a.out / "val.q0t")
+    shutil.copyfile(find_split(args.data_dir, "val")[0], a.out / "val.q0t")
     forward_tokens = len(models) * a.samples * sum(range(a.prompt, a.length))
     report = {"prior": str(a.prior), "k": len(models), "samples": a.samples, "prompt": a.prompt,
               "length": a.length, "sampled_bytes": int(samples.shape[0] * (a.length - a.prompt)),
