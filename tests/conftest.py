@@ -3,8 +3,10 @@ helper that runs train_q0.py on it. Short documents keep the fitness set (whole 
 the front of the training data) small, so a whole population trains in seconds. Also the oracles
 the tests hold the trainer to: the unchunked distillation loss, a run's log checked for its code,
 and a q0_run.Run of one CPU process for driving a BaseTrainer by hand."""
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -62,18 +64,44 @@ def small_data(tmp_path_factory) -> Path:
 TINY = ["--preset", "tiny", "--fitness-tokens", "1000", "--train-tokens", "4096", "--val-tokens", "2048"]
 
 
+def run_command(script: str, *args, cwd=REPO) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` as this process: the script's main(argv), its return value as the exit
+    code, its output captured, the working directory `cwd` meanwhile. The same code path as a child
+    process but the seconds of interpreter and torch start-up of every call (most of what these
+    tests cost). What needs a process of its own (a kill, torchrun, an environment variable) goes
+    through subprocess instead."""
+    import importlib
+    module = importlib.import_module(Path(script).stem)
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    kernels = dict(train_q0.KERNELS)  # main() sets them from its flags; later tests see the defaults
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = module.main([str(a) for a in args])
+            except SystemExit as e:  # argparse's --help
+                code = e.code
+    finally:
+        os.chdir(here)
+        train_q0.KERNELS.update(kernels)
+    return subprocess.CompletedProcess([script, *map(str, args)], code or 0, out.getvalue(), err.getvalue())
+
+
 def run_train(data_dir: Path, runs_dir: Path, *flags: str, launcher=(sys.executable,), check=True,
-              timeout=300, env: dict | None = None, script: str = "train_q0.py",
+              env: dict | None = None, script: str = "train_q0.py",
               before: tuple = ()) -> subprocess.CompletedProcess:
     """train_q0.py on the tiny preset; `env` adds environment variables (Q0_FAULT for the crash tests).
     `script`: a companion that takes train_q0.py's flags after its own arguments `before`
-    (import_slowrun.py DIR)."""
-    cmd = [*launcher, str(REPO / script), *map(str, before), *TINY, "--data-dir", str(data_dir),
-           "--runs-dir", str(runs_dir), *flags]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                            env={**os.environ, **(env or {})})
+    (import_slowrun.py DIR). In this process (run_command) unless a launcher or `env` asks for one
+    of its own."""
+    argv = [*map(str, before), *TINY, "--data-dir", str(data_dir), "--runs-dir", str(runs_dir), *flags]
+    if launcher == (sys.executable,) and not env:
+        result = run_command(script, *argv)
+    else:
+        result = subprocess.run([*launcher, str(REPO / script), *argv], capture_output=True, text=True, cwd=REPO,
+                                env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(f"{script} {' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 

@@ -99,6 +99,7 @@ def test_a_student_is_an_ordinary_run_eval_scores_beside_the_ensemble(small_data
                                            "--epochs", "1", "--run-name", "student").stdout
 
 
+@pytest.mark.slow  # twin: tests/test_gpu_path.py's spread ensemble on 2 cuda:gloo ranks
 def test_two_processes_spread_the_members_and_train_the_same_student(small_data, population):
     """Under torchrun the members' bodies are spread over the group (member i on rank i mod 2, every
     head on both): the student's snapshots score as those of the one-process student that runs the

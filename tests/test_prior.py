@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import fit_prior  # noqa: E402
 import q0_run  # noqa: E402
-from conftest import BYTES_TABLE  # noqa: E402
+from conftest import BYTES_TABLE, run_command  # noqa: E402
 from data.shards import tokens_sha256, write_shard  # noqa: E402
 
 
@@ -73,8 +73,7 @@ def make_run(root: Path, name: str, fit: np.ndarray, val: np.ndarray | None, bas
 
 
 def cli(script: str, *args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True)
+    return run_command(script, *args, cwd=cwd)
 
 
 def assert_clean_error(r, *words):

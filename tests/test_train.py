@@ -323,6 +323,7 @@ def test_two_processes_give_the_same_population(two_bases, small_data, tmp_path)
         assert ddp[k] == pytest.approx(ref[k], abs=1e-4)
 
 
+@pytest.mark.slow  # kill and resume runs in the default suite as tests/test_faults.py's kills at a commit
 def test_killed_run_resumes_bitwise(small_data, tmp_path):
     flags = ["--cycles", "3", "--distil-from-cycle", "2", "--checkpoint-minutes", "0.0003"]
     run_train(small_data, tmp_path / "whole", *flags)
@@ -395,6 +396,21 @@ def test_device_batch_is_chosen_to_divide_unless_given():
     assert q0.device_batch_cap(q0.parse_args(["--preset", "slowrun"])) == 2  # the reference's micro-batch
 
 
+def test_epochs_flag_resolves_the_recipe_layout_that_spends_the_budget():
+    """The in-process twin of the end-to-end test below: --epochs 3 resolves, at parse time, to the
+    recipe's layout, whose cycles spend 3 epochs of the training tokens; a layout that cannot spend
+    the budget is one line."""
+    args = q0.parse_args([*TINY, "--epochs", "3", "--device-batch", "2"])
+    assert {k: getattr(args, k) for k in q0.RECIPE_LAYOUT_FLAGS} == q0.recipe(3, q0.RECIPES["tiny"])
+    cycles = q0.plan_cycles(args, args.train_tokens)
+    assert len(cycles) == args.cycles
+    spent = cycles[-1].pos(cycles[-1].steps, args.seq_len) / args.train_tokens
+    assert spent == pytest.approx(3, abs=0.02)
+    with pytest.raises(UsageError, match="--epochs 3 .* spends 4"):
+        q0.parse_args([*TINY, "--epochs", "3", "--cycles", "2", "--cycle-epochs", "1", "--first-cycle-epochs", "3"])
+
+
+@pytest.mark.slow  # end to end as a child process; its in-process twin is the test above
 def test_epochs_flag_trains_the_recipe_layout(small_data, tmp_path):
     run_train(small_data, tmp_path, "--epochs", "3", "--device-batch", "2", "--run-name", "budget3")
     run = json.loads((tmp_path / "budget3" / "run.json").read_text())
