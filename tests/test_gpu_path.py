@@ -231,7 +231,7 @@ def test_world_of_eight_runs_main_through_the_default_layout(small_data, tmp_pat
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", LocalGradientDDP)
     common = ["--preset", "tiny", "--fitness-tokens", "1000", "--train-tokens", "4096", "--val-tokens", "2048",
               "--data-dir", str(small_data), "--runs-dir", str(tmp_path), "--cycles", "2", "--batch-seqs", "8",
-              "--device-batch", "1", "--batch-schedule", "1", "--first-cycle-epochs", "0.5", "--cycle-epochs", "0.5"]
+              "--device-batch", "1", "--batch-schedule", "1", "--first-cycle-epochs", "0.25", "--cycle-epochs", "0.25"]
     for rank, flags in [(0, ["--bases", "5"]), (0, ["--bases", "8"]), (5, ["--bases", "8"])]:
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
         assert q0.main(common + flags) == 0
