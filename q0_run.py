@@ -453,7 +453,7 @@ def load_val_tokens(run: dict) -> np.ndarray:
 # Flags renamed or retired since a run was written: a resume of that run compares what they mean.
 RENAMED_FLAGS = {"distill_from_cycle": "distil_from_cycle", "distill_alpha": "distil_alpha",
                  "distill_temperature": "distil_temperature"}
-RETIRED_FLAGS = {"import_slowrun": ""}  # now a companion command (import_slowrun.py)
+RETIRED_FLAGS = {"import_slowrun": ""}  # now a companion command (tools/import_slowrun.py)
 
 
 def population_config(args, non_population: set, teacher: list[dict] | None = None) -> dict:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "tools"))  # the companion tools/import_slowrun.py, imported by name
 
 import q0_run  # noqa: E402
 import train_q0  # noqa: E402
@@ -92,7 +93,7 @@ def run_train(data_dir: Path, runs_dir: Path, *flags: str, launcher=(sys.executa
               before: tuple = ()) -> subprocess.CompletedProcess:
     """train_q0.py on the tiny preset; `env` adds environment variables (Q0_FAULT for the crash tests).
     `script`: a companion that takes train_q0.py's flags after its own arguments `before`
-    (import_slowrun.py DIR). In this process (run_command) unless a launcher or `env` asks for one
+    (tools/import_slowrun.py DIR). In this process (run_command) unless a launcher or `env` asks for one
     of its own."""
     argv = [*map(str, before), *TINY, "--data-dir", str(data_dir), "--runs-dir", str(runs_dir), *flags]
     if launcher == (sys.executable,) and not env:

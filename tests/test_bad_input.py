@@ -219,7 +219,7 @@ def test_parse_errors_raise_usage_errors_and_mains_return_2(tmp_path, capsys):
     assert train_q0.main(["--preset", "tiny", "--no-such-flag"]) == 2
     one_line(capsys, "--no-such-flag")
     assert import_slowrun.main([]) == 2                                    # the checkpoint folder comes first
-    one_line(capsys, "python import_slowrun.py DIR")
+    one_line(capsys, "python tools/import_slowrun.py DIR")
     assert import_slowrun.main([tmp_path / "ckpt", "--preset", "tiny", "--cycles", "0"]) == 2
     one_line(capsys, "--cycles 0")
     assert import_slowrun.main([tmp_path / "ckpt", "--import-slowrun", tmp_path]) == 2  # the retired flag

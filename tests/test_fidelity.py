@@ -125,7 +125,7 @@ def test_from_slowrun_refuses_what_it_cannot_hold(fx):
 
 def test_import_slowrun_scores_reference_snapshots_into_a_run(fx, small_data, tmp_path):
     """The reference's model_{i}.pt files become an ordinary run that fit_prior.py and eval.py read:
-    `python import_slowrun.py DIR [train_q0.py flags]`."""
+    `python tools/import_slowrun.py DIR [train_q0.py flags]`."""
     from test_prior import cli
     ckpt = tmp_path / "reference"
     ckpt.mkdir()
@@ -136,7 +136,7 @@ def test_import_slowrun_scores_reference_snapshots_into_a_run(fx, small_data, tm
     shape = ["--n-layer", "6", "--d-model", "32", "--n-head", "2", "--mlp-hidden", "256", "--seq-len", "64",
              "--short-window", "32", "--loop-layers", "3", "5", "--loop-repeats", "4", "--mtp-weight", "0.3"]
     flags = [*shape, "--bases", "1", "--cycles", "3", "--run-name", "imported"]
-    result = run_train(small_data, tmp_path / "runs", *flags, script="import_slowrun.py", before=(ckpt,), check=False)
+    result = run_train(small_data, tmp_path / "runs", *flags, script="tools/import_slowrun.py", before=(ckpt,), check=False)
     assert_record(result.returncode == 0, f"import_slowrun.py failed:\n{result.stderr[-2000:]}")
     assert result.stdout.count("] imported ") == 3
     run = tmp_path / "runs" / "imported"
@@ -149,7 +149,7 @@ def test_import_slowrun_scores_reference_snapshots_into_a_run(fx, small_data, tm
     assert records[2]["val_loss"] == pytest.approx(q0_run.mean_nll(q0.token_probs(model, val, 64, 16, "cpu")), abs=1e-6)
     assert cli("fit_prior.py", run).returncode == 0
     assert cli("eval.py", run, "--prior", run / "prior.json").returncode == 0
-    again = run_train(small_data, tmp_path / "runs", *flags, script="import_slowrun.py", before=(ckpt,))
+    again = run_train(small_data, tmp_path / "runs", *flags, script="tools/import_slowrun.py", before=(ckpt,))
     assert "] imported " not in again.stdout  # a rerun keeps them
 
 

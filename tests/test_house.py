@@ -36,7 +36,7 @@ def test_no_arrow_runs_back_up():
     assert imports_of(REPO / "train_q0.py") & PROJECT == {"data", "q0_run"}
     assert imports_of(REPO / "fit_prior.py") & PROJECT <= {"data", "q0_run"}
     assert imports_of(REPO / "eval.py") & PROJECT <= {"data", "q0_run", "train_q0", "fit_prior"}
-    assert imports_of(REPO / "import_slowrun.py") & PROJECT <= {"data", "q0_run", "train_q0"}
+    assert imports_of(REPO / "tools" / "import_slowrun.py") & PROJECT <= {"data", "q0_run", "train_q0"}
 
 
 def loaded_after(statement: str) -> set[str]:

@@ -1,7 +1,7 @@
 """Score the reference's snapshots into a q0 run directory, so that fit_prior.py and eval.py
 read them like a population q0 trained.
 
-    python import_slowrun.py checkpoints/RUN_ID --bases 5 --cycles 96 --run-name slowrun-reference
+    python tools/import_slowrun.py checkpoints/RUN_ID --bases 5 --cycles 96 --run-name slowrun-reference
     python fit_prior.py runs/slowrun-reference && python eval.py runs/slowrun-reference --prior runs/slowrun-reference/prior.json
 
 The reference (Slowrun's unlimited/train.py at a200723) saves model_{i}.pt, numbering node n's
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-import q0_run
-import train_q0 as q0
-from data.shards import UsageError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python tools/import_slowrun.py`
+import q0_run  # noqa: E402
+import train_q0 as q0  # noqa: E402
+from data.shards import UsageError  # noqa: E402
 
 def slowrun_config(ref: dict) -> q0.GPTConfig:
     """Our GPTConfig for the reference's GPTConfig fields (plus `dupe_layers`: [start, end] or None)."""
@@ -125,10 +126,10 @@ def import_snapshots(run: q0_run.Run, folder: Path):
 def main(argv=None) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if not argv or argv[0].startswith("-"):
-        raise UsageError("give the reference's checkpoint folder first: python import_slowrun.py DIR [train_q0.py "
+        raise UsageError("give the reference's checkpoint folder first: python tools/import_slowrun.py DIR [train_q0.py "
                          "flags]")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("import_slowrun.py runs in one process; drop torchrun")
+        raise UsageError("tools/import_slowrun.py runs in one process; drop torchrun")
     args = q0.parse_args(argv[1:])
     q0.set_kernels(attention=args.attention, autocast=args.autocast)
     run = q0_run.start(q0, args, q0.NON_POPULATION_FLAGS)
