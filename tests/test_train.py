@@ -467,3 +467,11 @@ def test_device_batch_moves_only_the_reduction_order(small_data, tmp_path):
         got = one_step_weights(small_data, tmp_path, device_batch)
         gap = max(((ref[k] - got[k]).norm() / ref[k].norm()).item() for k in ref)
         assert gap < 1e-2, (device_batch, gap)
+
+
+def test_every_preset_key_is_a_flag():
+    """A preset sets flags' defaults; a key that names no flag would be a silent stray attribute
+    (as a renamed flag left in a preset once was: its runs quietly stopped distilling)."""
+    dests = {a.dest for a in q0.build_parser()._actions}
+    for name, preset in q0.PRESETS.items():
+        assert set(preset) <= dests, (name, sorted(set(preset) - dests))
