@@ -15,10 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import REPO, TINY, TORCHRUN_2, run_train, write_bytes_shard, documents, shakespeare_paragraphs
+from conftest import REPO, TINY, TORCHRUN_2, write_bytes_shard, documents, shakespeare_paragraphs
 
 import q0_run
 from data import shards
