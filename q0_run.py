@@ -81,6 +81,9 @@ def add_run_flags(parser: argparse.ArgumentParser):
     g.add_argument("--collective-timeout-minutes", type=float, default=10.0,
                    help="a process that does not answer a collective (or, at the end, show signs of life) "
                         "for this long fails the run with an error naming its rank")
+    g.add_argument("--startup-timeout-minutes", type=float, default=30.0,
+                   help="the same, for the start: joining the job and the collectives before the first step "
+                        "(every process traces the plan and compiles before it; that may take minutes)")
     g.add_argument("--wandb-project", default="", help="also log to Weights & Biases (needs wandb installed)")
     g = parser.add_argument_group("preflight plan (printed at the top of every run)")
     g.add_argument("--dry-run", action="store_true",
@@ -90,12 +93,17 @@ def add_run_flags(parser: argparse.ArgumentParser):
     g.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the hours assume")
     g.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS,
                    help="peak bf16 TFLOP/s of one process's device (default: H100 SXM, dense)")
+    g.add_argument("--device-memory-gib", type=float, default=0,
+                   help="memory of each process's device that the plan and the first-step probe must fit in "
+                        "(0: the CUDA device's own, an H100's 79.6 with --plan-gpus; a CPU run: unchecked)")
 
 
 RUN_RANGES = {
     "runs_dir": PATH, "run_name": TEXT, "log_every": at_least(1), "checkpoint_minutes": at_least(0),
-    "collective_timeout_minutes": at_least(0, lo_open=True), "wandb_project": TEXT, "dry_run": SWITCH,
+    "collective_timeout_minutes": at_least(0, lo_open=True), "startup_timeout_minutes": at_least(0, lo_open=True),
+    "wandb_project": TEXT, "dry_run": SWITCH,
     "plan_gpus": at_least(0), "mfu": shards.Range(lo=0, hi=1, lo_open=True), "peak_tflops": at_least(0, lo_open=True),
+    "device_memory_gib": at_least(0),
 }
 RUN_FLAGS = set(RUN_RANGES)
 
@@ -1042,18 +1050,22 @@ def _flop_formulas() -> dict:
 
 
 def trace_step(exp: Experiment, cfg, args, device_batch: int, checkpoint: bool, distill: bool,
-               memory: bool = True) -> dict:
+               memory: bool = True, teacher_dtype: torch.dtype = torch.float32, ddp: bool = False) -> dict:
     """One micro-batch of training on fake tensors: FLOPs of each part and (`memory`: the slow
-    part) the peak memory of weights, gradients, optimiser state, teacher and activations together."""
+    part) the peak memory of weights, gradients, optimiser state, teacher and activations together.
+    `teacher_dtype`: the dtype the run holds its teacher in (held_dtype); `ddp`: the gradients live
+    all run in DDP's buckets (a group of several processes), not only from the backward on."""
     formulas, flops, cpu, kernels = _flop_formulas(), {}, torch.device("cpu"), dict(exp.KERNELS)
     exp.KERNELS["autocast"] = "bf16"  # the training code's own autocast, on the CPU
     try:
-        return _trace(exp, cfg, args, device_batch, checkpoint, distill, memory, formulas, flops, cpu)
+        return _trace(exp, cfg, args, device_batch, checkpoint, distill, memory, formulas, flops, cpu,
+                      teacher_dtype, ddp)
     finally:
         exp.KERNELS.update(kernels)
 
 
-def _trace(exp: Experiment, cfg, args, device_batch, checkpoint, distill, memory, formulas, flops, cpu) -> dict:
+def _trace(exp: Experiment, cfg, args, device_batch, checkpoint, distill, memory, formulas, flops, cpu,
+           teacher_dtype, ddp) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -1070,10 +1082,12 @@ def _trace(exp: Experiment, cfg, args, device_batch, checkpoint, distill, memory
         with FlopCounterMode(display=False, custom_mapping=formulas) as fc:
             optimizer.step()
         flops["optimizer"] = fc.get_total_flops()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not ddp)  # DDP's buckets (the gradients' storage) stay all run
         # The teacher keeps requires_grad here (MemTracker hooks every parameter); run under no_grad
         # and without autocast's weight cache (micro_batch_loss), it holds what a run's frozen teacher holds.
         teacher = exp.GPT(cfg).eval() if distill else None
+        for p in teacher.parameters() if teacher is not None else ():
+            p.data = p.data.to(teacher_dtype)  # (Module.to swaps fake tensors, which it cannot here)
         idx = torch.randint(0, cfg.vocab_size, (device_batch, cfg.seq_len + 1))
         if teacher is not None:  # its forward alone, for its FLOPs (the step below runs it again)
             with torch.no_grad(), exp.autocast_for(cpu, cache=False), \
@@ -1085,7 +1099,7 @@ def _trace(exp: Experiment, cfg, args, device_batch, checkpoint, distill, memory
             exp.micro_batch_loss(model, model, snapshot_teacher, idx, cpu, None, args.distil_alpha,
                                  args.distil_temperature).backward()
         flops["student"] = fc.get_total_flops() - flops.get("teacher", 0)
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=not ddp)
         peak = None
         # memory in a pass of its own: under FlopCounterMode, checkpointed blocks keep what a run
         # frees (6.7x the memory per sequence in a small trace)
@@ -1114,25 +1128,80 @@ class PlanTarget:
     fitness_tokens: int
     val_tokens: int
     assumed_data: bool
+    device_gib: float | None = None  # the memory of each process's device (None: not checked)
+
+
+# What a CUDA process holds beyond the traced tensors: memory outside torch's allocator (the CUDA
+# context, NCCL's buffers, cuBLAS workspaces) and the caching allocator's rounding and
+# fragmentation (small with expandable segments, which train_q0 turns on). Both are assumptions
+# until a GPU measures them: benchmarks/gpu_check.py prints the measured peak beside the plan's.
+CUDA_OUTSIDE_ALLOCATOR_GIB = 2.0
+ALLOCATOR_SLACK = 0.05
+H100_GIB = 79.6          # an H100 SXM 80GB as torch sees it (81,559 MiB): what --plan-gpus plans for
+REFERENCE_MFU = 0.32     # the reference's record in this plan's FLOP convention (3,200 GPU-hours)
+
+
+def held_dtype(device_type: str) -> torch.dtype:
+    """The dtype of weights a run holds but does not train (snapshots, teachers): bf16 on CUDA, as
+    the reference holds its teacher and saves its snapshots; exact fp32 on a CPU."""
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
+
+
+def planned_bytes(traced: float, device: str) -> float:
+    """The traced peak with what a CUDA process holds beyond it (CUDA_OUTSIDE_ALLOCATOR_GIB, ALLOCATOR_SLACK)."""
+    return traced * (1 + ALLOCATOR_SLACK) + CUDA_OUTSIDE_ALLOCATOR_GIB * GIB if device == "cuda" else traced
+
+
+class Progress:
+    """A line before a slow trace and one when it ends, and a line every `every` seconds in
+    between, so a slow trace never looks like a hang (--dry-run at the record's size: minutes)."""
+
+    def __init__(self, say=None, every: float = 30.0):
+        self.say, self.every = say, every
+
+    @contextlib.contextmanager
+    def step(self, what: str):
+        if self.say is None:
+            yield
+            return
+        t0, done = time.perf_counter(), threading.Event()
+        self.say(f"plan: tracing {what} on fake tensors ...")
+
+        def tick():
+            while not done.wait(self.every):
+                self.say(f"plan: ... still tracing {what} ({time.perf_counter() - t0:.0f} s)")
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()
+        self.say(f"plan: traced {what} in {time.perf_counter() - t0:.0f} s")
 
 
 def plan_run(exp: Experiment, args, cfg, cycles: list, target: PlanTarget, device_batch: int, teachers: int = 1,
-             traces=None) -> dict:
+             traces=None, progress: Progress | None = None) -> dict:
     """The plan; memory is traced for CUDA targets and --dry-run (a CPU run's tests skip its cost).
     `traces`: (distilling step, plain step) from trace_step, to reuse them for several layouts.
     `teachers`: an ensemble's K, at most K members' forward passes per token (--distil-from)."""
+    progress = progress or Progress()
     distills = any(exp.distils(args, c.index) for c in cycles)
     teachers = teachers if args.distil_from else 1
     memory = target.device == "cuda" or args.dry_run
+    groups = args.groups or math.gcd(args.bases, target.processes)
+    group_size = target.processes // groups
+    how = dict(teacher_dtype=held_dtype(target.device), ddp=group_size > 1)  # as the run will hold them
     if traces is not None:
         step, plain = traces if distills else (traces[1], traces[1])
         memory = memory and step["peak_bytes"] is not None and plain["peak_bytes"] is not None
     else:
-        step = trace_step(exp, cfg, args, device_batch, args.checkpoint_activations, distills, memory)
-        plain = trace_step(exp, cfg, args, device_batch, args.checkpoint_activations, False) \
-            if distills and memory else step
-    groups = args.groups or math.gcd(args.bases, target.processes)
-    group_size = target.processes // groups
+        with progress.step(f"a {'distilling ' if distills else ''}micro-batch of {device_batch} x {cfg.seq_len}"):
+            step = trace_step(exp, cfg, args, device_batch, args.checkpoint_activations, distills, memory, **how)
+        plain = step
+        if distills and memory:
+            with progress.step(f"a plain micro-batch of {device_batch} x {cfg.seq_len}"):
+                plain = trace_step(exp, cfg, args, device_batch, args.checkpoint_activations, False, **how)
     rate = args.peak_tflops * 1e12 * args.mfu  # FLOP/s per process
     muon = plain["optimizer_flops"] / group_size  # orthogonalisation sharded over the group
     fwd = step["teacher_flops_per_token"] or plain["student_flops_per_token"] / 3  # a forward is ~1/3 of fwd+bwd
@@ -1145,12 +1214,17 @@ def plan_run(exp: Experiment, args, cfg, cycles: list, target: PlanTarget, devic
     base_seconds = sum(c.steps * step_seconds(c, exp.distils(args, c.index)) + eval_seconds for c in cycles)
     epoch_seconds = (target.train_tokens * plain["student_flops_per_token"] / group_size
                      + target.train_tokens / (args.batch_seqs * cfg.seq_len) * muon) / rate
-    weight_bytes = step["params"] * (2 if target.device == "cuda" else 4)
-    head_bytes = cfg.padded_vocab * cfg.d_model * (2 if target.device == "cuda" else 4)
+    weight_bytes = step["params"] * held_dtype(target.device).itemsize
+    head_bytes = cfg.padded_vocab * cfg.d_model * held_dtype(target.device).itemsize
     bodies = -(-teachers // group_size)  # member i's body on group rank i mod W (EnsembleTeacher)
     cache_bytes = 2 * (target.fitness_tokens + (target.val_tokens if args.val_probs else 0))
     checkpoint_bytes = 4 * step["params"] + step["optimizer_state_bytes"]
     snapshots = args.bases * args.cycles
+    # the trace holds one teacher; an ensemble spread over the group adds, per process, the
+    # bodies of its share of the members and the other members' heads (bf16 on CUDA)
+    traced = [plain["peak_bytes"]] + ([step["peak_bytes"] + (bodies - 1) * weight_bytes
+                                       + (teachers - bodies) * head_bytes] if distills else []) if memory else []
+    planned = [planned_bytes(b, target.device) / GIB for b in traced]
     return {
         "target": dataclasses.asdict(target), "device_batch": device_batch,
         "checkpoint_activations": args.checkpoint_activations, "mfu": args.mfu, "peak_tflops": args.peak_tflops,
@@ -1158,11 +1232,11 @@ def plan_run(exp: Experiment, args, cfg, cycles: list, target: PlanTarget, devic
         "student_flops_per_token": plain["student_flops_per_token"], "teacher_flops_per_token": fwd,
         "optimizer_flops_per_step": plain["optimizer_flops"],
         "step_tokens": args.batch_seqs * cfg.seq_len,
-        "peak_gib": plain["peak_bytes"] / GIB if memory else None,
-        # the trace holds one teacher; an ensemble spread over the group adds, per process, the
-        # bodies of its share of the members and the other members' heads (bf16 on CUDA)
-        "peak_gib_distilling": (step["peak_bytes"] + (bodies - 1) * weight_bytes
-                                + (teachers - bodies) * head_bytes) / GIB if distills and memory else None,
+        "traced_gib": max(traced) / GIB if traced else None,
+        "peak_gib": planned[0] if planned else None,
+        "peak_gib_distilling": planned[1] if len(planned) > 1 else None,
+        "planned_gib": max(planned) if planned else None,  # what the device must hold
+        "ddp_buckets": how["ddp"], "teacher_dtype": str(how["teacher_dtype"]).removeprefix("torch."),
         "teachers": teachers, "teacher_bodies": bodies,
         "snapshot_gib": (weight_bytes + cache_bytes) / GIB, "snapshots": snapshots,
         "disk_gib": (snapshots * (weight_bytes + cache_bytes) + (args.bases + groups) * checkpoint_bytes) / GIB,
@@ -1171,7 +1245,48 @@ def plan_run(exp: Experiment, args, cfg, cycles: list, target: PlanTarget, devic
     }
 
 
-def _gib(x: float) -> str:
+@contextlib.contextmanager
+def peak_memory(device: torch.device, held: list):
+    """Measures the peak bytes this process holds while the block runs (`.bytes` once it ends): on
+    CUDA the allocator's own count; on a CPU torch's MemTracker over `held` (modules, optimisers)
+    and every tensor the block makes."""
+    result = argparse.Namespace(bytes=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result.bytes = torch.cuda.max_memory_allocated(device)
+        return
+    from torch.distributed._tools.mem_tracker import MemTracker
+    tracker = MemTracker()
+    tracker.track_external(*held)
+    # MemTracker hooks every parameter of a module it sees run: a frozen teacher's, too (under
+    # no_grad they build no graph either way)
+    frozen = [p for m in held if isinstance(m, torch.nn.Module) for p in m.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        # eager: dynamo meeting MemTracker's dispatch mode would leave GPT.forward uncompiled for good
+        with torch.compiler.set_stance("force_eager"), tracker:
+            yield result
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    result.bytes = max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+
+
+def check_memory(plan: dict, device_gib: float | None = None):
+    """Refuse, with the numbers, a run whose planned peak does not fit its device."""
+    device_gib = device_gib or plan["target"]["device_gib"]
+    if plan["planned_gib"] is None or device_gib is None or plan["planned_gib"] <= device_gib:
+        return
+    raise UsageError(f"the plan needs {plan['planned_gib']:.1f} GiB per process at --device-batch "
+                     f"{plan['device_batch']} and the device has {device_gib:.1f} GiB; pass a smaller "
+                     f"--device-batch or --checkpoint-activations (python train_q0.py --dry-run shows the plan)")
+
+
+def gib_text(x: float) -> str:
     return f"{x:.1f} GiB" if x >= 0.1 else f"{x * 1024:.1f} MiB"
 
 
@@ -1179,11 +1294,37 @@ def _hours(h: float) -> str:
     return f"{h:.1f} h" if h >= 1 else f"{h * 60:.1f} min" if h >= 1 / 60 else f"{h * 3600:.1f} s"
 
 
-def plan_lines(plan: dict) -> list[str]:
+def _memory_line(plan: dict) -> str:
+    head = (f"plan: peak memory per process at --device-batch {plan['device_batch']}"
+            f"{' with' if plan['checkpoint_activations'] else ' without'} activation checkpointing: ")
+    if plan["peak_gib"] is None:
+        return head + "traced for CUDA runs and --dry-run"
+    held = ([f"DDP's gradient buckets"] if plan["ddp_buckets"] else []) + \
+        ([f"a {plan['teacher_dtype']} teacher"] if plan["peak_gib_distilling"] is not None else [])
+    line = head + gib_text(plan["peak_gib"]) + (f", distilling {gib_text(plan['peak_gib_distilling'])}"
+                                            if plan["peak_gib_distilling"] is not None else "")
+    line += f" (traced {gib_text(plan['traced_gib'])}" + (f" with {' and '.join(held)}" if held else "")
+    if plan["target"]["device"] == "cuda":
+        line += (f", + {ALLOCATOR_SLACK:.0%} allocator slack + {CUDA_OUTSIDE_ALLOCATOR_GIB:g} GiB outside "
+                 f"torch's allocator")
+    line += "; an estimate)"
+    device = plan["target"]["device_gib"]
+    if device is not None:
+        spare = device - plan["planned_gib"]
+        line += (f" | the device: {gib_text(device)}, " + (f"{gib_text(spare)} to spare" if spare >= 0 else
+                                                      f"DOES NOT FIT by {gib_text(-spare)}"))
+    return line
+
+
+def plan_lines(plan: dict, disk: str | None = None) -> list[str]:
+    """The plan as a person reads it; `disk`: disk_line's verdict on the machine it runs on."""
     t = plan["target"]
-    peak = "traced for CUDA runs and --dry-run" if plan["peak_gib"] is None else \
-        _gib(plan["peak_gib"]) + (f", distilling {_gib(plan['peak_gib_distilling'])}"
-                                  if plan["peak_gib_distilling"] is not None else "") + " (estimate)"
+    hours = (f"plan: at {plan['mfu']:.0%} MFU of {plan['peak_tflops']:g} TFLOP/s per process: "
+             f"{_hours(plan['hours_per_epoch'])} per epoch of one base, {_hours(plan['hours'])} for the population")
+    if plan["mfu"] != REFERENCE_MFU:  # the assumption beside what the reference achieved
+        scale = plan["mfu"] / REFERENCE_MFU
+        hours += (f"; at the reference record's {REFERENCE_MFU:.0%} (3,200 GPU-hours in this FLOP count): "
+                  f"{_hours(plan['hours_per_epoch'] * scale)} and {_hours(plan['hours'] * scale)}")
     return [
         f"plan: {plan['params']:,} parameters | {t['processes']} process(es) on {t['device']}, {plan['groups']} group(s)"
         f" of {plan['group_size']} | data {t['train_tokens']:,} train, {t['fitness_tokens']:,} fitness, "
@@ -1197,23 +1338,31 @@ def plan_lines(plan: dict) -> list[str]:
            if plan["teachers"] > 1 else "") + "), Muon "
         f"{plan['optimizer_flops_per_step']:.3e} ({plan['optimizer_flops_per_step'] / plan['group_size']:.3e} on "
         f"each of {plan['group_size']} process(es): sharded)",
-        f"plan: peak memory per process at --device-batch {plan['device_batch']}"
-        f"{' with' if plan['checkpoint_activations'] else ' without'} activation checkpointing: {peak}",
-        f"plan: disk: {plan['snapshots']} snapshots x {_gib(plan['snapshot_gib'])} (weights and caches) + "
-        f"checkpoints = {_gib(plan['disk_gib'])}",
-        f"plan: at {plan['mfu']:.0%} MFU of {plan['peak_tflops']:g} TFLOP/s per process: {_hours(plan['hours_per_epoch'])} "
-        f"per epoch of one base, {_hours(plan['hours'])} for the population (estimate)",
+        _memory_line(plan),
+        f"plan: disk: {plan['snapshots']} snapshots x {gib_text(plan['snapshot_gib'])} (weights and caches) + "
+        f"checkpoints = {gib_text(plan['disk_gib'])}" + (f" | {disk}" if disk else ""),
+        hours + " (estimates)",
     ]
 
 
-def check_disk(plan: dict, run_dir: Path):
-    """Refuse, with the numbers, a run whose snapshots, caches and checkpoints cannot fit."""
+def _disk_need(plan: dict, run_dir: Path) -> tuple[float, float, Path]:
+    """(bytes the run still needs, bytes free, the folder measured)."""
     have = sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file()) if run_dir.exists() else 0
     place = run_dir
     while not place.exists():
         place = place.parent
-    free = shutil.disk_usage(place).free
-    need = plan["disk_gib"] * GIB - have
+    return plan["disk_gib"] * GIB - have, shutil.disk_usage(place).free, place
+
+
+def disk_line(plan: dict, run_dir: Path) -> str:
+    need, free, place = _disk_need(plan, run_dir)
+    verdict = "it fits" if need <= free else "this machine CANNOT hold the run there (a run is refused)"
+    return f"{run_dir} ({place}: {gib_text(free / GIB)} free) needs {gib_text(max(need, 0) / GIB)} more: {verdict}"
+
+
+def check_disk(plan: dict, run_dir: Path):
+    """Refuse, with the numbers, a run whose snapshots, caches and checkpoints cannot fit."""
+    need, free, place = _disk_need(plan, run_dir)
     if need > free:
         raise UsageError(f"the run needs {need / GIB:.1f} GiB more for {plan['snapshots']} snapshots "
                          f"({plan['snapshot_gib']:.2f} GiB each) and checkpoints, and {place} has "
@@ -1289,16 +1438,34 @@ class Peers:
 
     def join(self):
         """Wait until every process has finished, failing if an unfinished one shows no sign of
-        life for the collective timeout."""
-        self.store.add(f"q0/done/{self.rank}", 1)
-        last = {r: (-1, time.monotonic()) for r in range(self.world)}
-        while waiting := [r for r in range(self.world) if self.store.add(f"q0/done/{r}", 0) == 0]:
+        life for the collective timeout. Then each process says it is leaving, and rank 0 (which
+        hosts the store when no torchrun agent does) leaves last: no process polls a store that is gone."""
+        try:
+            self.store.add(f"q0/done/{self.rank}", 1)
+            self._wait("done", range(self.world), fail=True)
+            if self.rank == 0:
+                self._wait("left", range(1, self.world), fail=False)
+            else:
+                self.store.add(f"q0/left/{self.rank}", 1)
+        except (RuntimeError, OSError):  # the store went with its host: rank 0 failed or was killed
+            if self.rank == 0:
+                raise
+            raise PeerTimeout("rank 0, which held the job's rendezvous store, exited before this process "
+                              "finished (its own error says why); rerun the same command to resume") from None
+
+    def _wait(self, key: str, ranks, fail: bool):
+        """Until every rank in `ranks` has bumped q0/<key>/<rank>; one silent for the timeout fails the
+        run (`fail`) or is left behind (a process that finished its work and died leaving)."""
+        last = {r: (-1, time.monotonic()) for r in ranks}
+        while waiting := [r for r in ranks if self.store.add(f"q0/{key}/{r}", 0) == 0]:
             now = time.monotonic()
             for r, n in self._beats(waiting).items():
                 if n != last[r][0]:
                     last[r] = (n, now)
                 elif now - last[r][1] > self.timeout_s:
-                    raise PeerTimeout(self.hung_message([r]))
+                    if fail:
+                        raise PeerTimeout(self.hung_message([r]))
+                    return
             time.sleep(min(1.0, self.beat_s))
 
     def hung_message(self, ranks: list[int]) -> str:
@@ -1396,10 +1563,19 @@ def _shape(exp: Experiment, args, train_tokens: int, vocab_size: int, world: int
     return cfg, cycles, make_layout(args, world, rank, cycles, exp.device_batch_cap(args), create_groups)
 
 
+def device_memory_gib(args, device: torch.device) -> float | None:
+    """What each process's device holds (--device-memory-gib, else a CUDA device's own; None: unchecked)."""
+    if args.device_memory_gib:
+        return args.device_memory_gib
+    return torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
+
+
 def start(exp: Experiment, args, non_population: set) -> Run:
     """Processes, data, the layout, the teacher's members, the plan, the run directory and its
-    lock, the log and its header: everything before the first step, checked on every process."""
-    world, rank, device = setup_distributed(args.collective_timeout_minutes)
+    lock, the log and its header: everything before the first step, checked on every process.
+    Every process traces the plan itself (each checks its own device), so none waits in a
+    collective while another traces; the start's collectives have --startup-timeout-minutes."""
+    world, rank, device = setup_distributed(args.startup_timeout_minutes)
     PROCESS.rank = rank
     # heartbeats need a real rendezvous store (the tests' fake world of 8 has one without counters)
     if world > 1 and dist.get_backend() != "fake":
@@ -1411,10 +1587,12 @@ def start(exp: Experiment, args, non_population: set) -> Run:
         distil_k, distil = distil_members(Path(args.distil_from), args.distil_k, data, args.seq_len) \
             if args.distil_from else (0, None)  # every rank checks and loads them
         population = population_config(args, non_population, teacher_record(distil) if distil else None)
+        target = PlanTarget(world, device.type, data.train.size, data.fitness.size, data.val.size, False,
+                            device_memory_gib(args, device))
+        plan = plan_run(exp, args, cfg, cycles, target, layout.device_batch, teachers=distil_k or 1,
+                        progress=Progress(_say) if rank == 0 and target.device == "cuda" else None)
+        check_memory(plan)
         if rank == 0:
-            plan = plan_run(exp, args, cfg, cycles, PlanTarget(world, device.type, data.train.size,
-                                                                data.fitness.size, data.val.size, False),
-                            layout.device_batch, teachers=distil_k or 1)
             check_disk(plan, run_dir)
             run_dir, resumed, lock = prepare_run_dir(args, data, cfg, cycles, population, code_files(exp))
     except UsageError as e:
@@ -1432,6 +1610,10 @@ def start(exp: Experiment, args, non_population: set) -> Run:
     if world > 1:
         barrier()
     return run
+
+
+def _say(line: str):
+    print(line, flush=True)
 
 
 def _open_log(args, run_dir: Path, layout: Layout) -> RunLog:
@@ -1490,7 +1672,9 @@ def _teardown():
 
 
 def dry_run(exp: Experiment, args) -> int:
-    """The plan alone: from the data when it is there, else (slowrun) from Slowrun's split."""
+    """The plan alone, wherever it runs: from the data when it is there, else (slowrun) from
+    Slowrun's split. It says whether this machine's --runs-dir could hold the run; a run is still
+    refused up front when it cannot."""
     try:
         data = load_data(args)
         sizes, vocab, assumed = (data.train.size, data.fitness.size, data.val.size), data.vocab_size, False
@@ -1501,10 +1685,12 @@ def dry_run(exp: Experiment, args) -> int:
         sizes = (args.train_tokens or SLOWRUN_SPLIT["train"] - fitness, fitness, args.val_tokens or SLOWRUN_SPLIT["val"])
         vocab, assumed = SLOWRUN_SPLIT["vocab"], True
     processes = args.plan_gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    device = "cuda" if args.plan_gpus or torch.cuda.is_available() else "cpu"
+    cuda = bool(args.plan_gpus) or torch.cuda.is_available()
+    device_gib = args.device_memory_gib or (H100_GIB if args.plan_gpus else
+                                            device_memory_gib(args, torch.device("cuda")) if cuda else None)
     cfg, cycles, layout = _shape(exp, args, sizes[0], vocab, processes, 0, create_groups=False)
-    plan = plan_run(exp, args, cfg, cycles, PlanTarget(processes, device, *sizes, assumed), layout.device_batch,
-                    teachers=args.distil_k or 1)
-    print("\n".join(plan_lines(plan)))
-    check_disk(plan, Path(args.runs_dir) / args.run_name)
+    target = PlanTarget(processes, "cuda" if cuda else "cpu", *sizes, assumed, device_gib)
+    plan = plan_run(exp, args, cfg, cycles, target, layout.device_batch, teachers=args.distil_k or 1,
+                    progress=Progress(_say))
+    print("\n".join(plan_lines(plan, disk_line(plan, Path(args.runs_dir) / args.run_name))), flush=True)
     return 0

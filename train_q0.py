@@ -23,9 +23,15 @@ import dataclasses
 import functools
 import hashlib
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
+
+# The reference's allocator setting: CUDA memory in segments that grow in place, so what one phase
+# of a cycle frees (scoring, a teacher) is reused by the next instead of fragmenting. Read at the
+# first CUDA allocation; a user's own setting wins.
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import numpy as np
 import torch
@@ -44,9 +50,10 @@ from data.shards import CHOICE, PATH, SWITCH, UNIT, Range, UsageError, at_least,
 # 480 snapshots). A preset replaces the size-related defaults; explicit flags override both.
 
 PRESETS = {
-    # The defaults below; a device batch of at most 2 (the reference's micro-batch): the --dry-run
-    # memory plan puts 8 sequences of 2048 over an H100's 80 GB.
-    "slowrun": dict(device_batch=2),
+    # The defaults below; a device batch of 1 (the reference's micro-batch is 2): with DDP's gradient
+    # buckets, a bf16 teacher and the allocator's slack counted, the --dry-run plan puts 2 sequences
+    # of 2048 over an H100's 79.6 GiB and 1 at 58 GiB; checkpointing 2 costs ~1/3 more compute.
+    "slowrun": dict(device_batch=1),
     # README's main job: bytes-level Shakespeare, 32K training tokens (the first play is the
     # fitness set), so a 1.2M-parameter model overfits within the 16-epoch budget: the data-limited
     # regime q0 is for. One base: 6 epochs, then five 2-epoch cycles distilling. The record's
@@ -115,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-seqs", type=int, default=256, help="global batch in sequences (256 x 2048 = 524,288 tokens)")
     g.add_argument("--device-batch", type=int, default=None,
                    help="sequences per forward pass per process (default: the largest, at most the preset's "
-                        "cap (slowrun: 2, the reference's micro-batch, as 8 runs out of 80 GB; cpu, tiny: 8), "
+                        "cap (slowrun: 1, as 2 does not fit an 80 GB H100 while distilling; cpu, tiny: 8), "
                         "that splits every cycle's batch over the processes)")
     g.add_argument("--lr-matrix", type=float, default=0.01, help="Muon peak LR (hidden matrices)")
     g.add_argument("--lr-embed", type=float, default=0.0375, help="AdamW peak LR (token embedding)")
@@ -310,8 +317,11 @@ def device_batch_cap(args) -> int:
 # Query i sees key j iff 0 <= i - j <= window (the reference's convention; window >= T - 1 is
 # plain causal). On CUDA, FlexAttention with a block mask: a window skips the blocks it masks
 # out and runs a fused kernel, where a boolean SDPA mask rules out the flash kernels and does the
-# whole square. SDPA is the CPU path and the fallback (--attention sdpa); torch has no CPU
-# backward for FlexAttention, so the CPU tests compare its forward only.
+# whole square. SDPA is the CPU path and the fallback (--attention sdpa). Proven on a CPU:
+# FlexAttention's forward, and its op's own (dense) backward past torch's CPU refusal, equal
+# SDPA's; fake CUDA tensors take its forward and backward through the compiled graphs in bf16.
+# Its fused CUDA kernels are checked against SDPA at start-up (check_flex_attention); a failure
+# switches the run to SDPA and says so.
 
 ATTENTION_KERNELS = ("auto", "flex", "sdpa")
 
@@ -367,6 +377,54 @@ def flex_attend(q, k, v, window: int) -> torch.Tensor:
         from torch.nn.attention.flex_attention import flex_attention
         return flex_attention(q, k, v, block_mask=_window_block_mask(T, window, q.device))
     return _compiled_flex_attention()(q, k, v, block_mask=_cached_block_mask(T, window, str(q.device)))
+
+
+FLEX_CHECK_TOL = 0.05  # of the largest |value|; bf16 kernels measure under 0.01, a mask one key off 0.25
+
+
+def check_flex_attention(device=None, head_dim: int = 64) -> str | None:
+    """Where attention would run FlexAttention (--attention auto on CUDA, or flex), its forward and
+    backward through flex_attend against SDPA's, on small random bf16 tensors in a window and plain
+    causal. An exception or a gap over FLEX_CHECK_TOL switches attention to SDPA and returns the
+    one-line note; None where nothing ran or the check passed. `device`: this process's by default
+    (cuda:LOCAL_RANK where CUDA is, else the CPU)."""
+    if device is None:
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    device, kernel = torch.device(device), KERNELS["attention"]
+    if kernel == "sdpa" or (kernel == "auto" and device.type != "cuda"):
+        return None
+    try:
+        gap = _flex_gap(device, head_dim)
+        reason = f"output or gradients off SDPA's by {gap:.2g} of their largest value, over {FLEX_CHECK_TOL}"
+    except Exception as e:  # noqa: BLE001 -- whatever stops the kernel, it is not proven here
+        gap, reason = math.inf, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+    finally:  # the check's shapes would count toward the recompile limit eager flex_attend calls share
+        torch._dynamo.reset()
+    if gap <= FLEX_CHECK_TOL:
+        return None
+    KERNELS["attention"] = "sdpa"
+    return f"attention: FlexAttention failed its start-up check against SDPA ({reason}); using SDPA"
+
+
+def _flex_gap(device: torch.device, head_dim: int) -> float:
+    """The largest gap of flex_attend's output and dq, dk, dv from SDPA's (fp32, of the same bf16
+    inputs), each relative to its largest |value|; T = 300 is not a multiple of the block size."""
+    gap, T = 0.0, 300
+    generator = torch.Generator(device).manual_seed(0)  # the run's random streams untouched
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext(), torch.enable_grad():
+        for window in (37, T - 1):
+            q, k, v, dout = (torch.randn(2, 2, T, head_dim, device=device, generator=generator).bfloat16()
+                             for _ in range(4))
+            inputs = [t.requires_grad_() for t in (q, k, v)]
+            out = flex_attend(*inputs, window)
+            got = [out, *torch.autograd.grad(out, inputs, dout)]
+            exact = [t.detach().float().requires_grad_() for t in (q, k, v)]
+            ref = sdpa_attend(*exact, window)
+            for a, b in zip(got, [ref, *torch.autograd.grad(ref, exact, dout.float())]):
+                err = ((a.float() - b).abs().max() / b.abs().max()).item()
+                gap = max(gap, err if math.isfinite(err) else math.inf)
+    return gap
 
 
 # =============================================================================================
@@ -532,6 +590,9 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * self.value_embed(x0).view(B, T, H, hd)
         cos, sin = rope
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        # CUDA autocast runs rms_norm in fp32 beside a bf16 v, and FlexAttention takes the mix as it
+        # comes: one dtype, v's (a no-op on the CPU, whose autocast keeps rms_norm in bf16)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window)  # (B, H, T, hd)
         y = y.transpose(1, 2) * torch.sigmoid(self.gate(x[..., :GATE_CHANNELS])).unsqueeze(-1)  # (B, T, H, hd)
         return row_dropout(self.proj(y.reshape(B, T, D)), self.dropout, self.training, seeds, site)
@@ -674,8 +735,11 @@ class GPT(nn.Module):
 # row of the update normalised); 5 Polar Express steps in bf16 (arXiv:2505.16932's
 # coefficients); NorMuon (a running second moment along the reduction dimension rescales the
 # update, keeping its norm); LR x sqrt(max(1, rows/cols)); cautious weight decay (only where the
-# update and the weight agree in sign) scaled by that LR. The scalars it uses (momentum, beta2,
-# LR, WD) meet the bf16 update in bf16, as in the record.
+# update and the weight agree in sign) scaled by that LR. The scalars meet the tensors in the
+# record's dtypes: it hands each to its step as an fp32 tensor (fp32() here), cast to the
+# gradient's dtype (momentum) or the bf16 update's (beta2, LR, WD), AdamW's kept in fp32. In
+# double, 1 - 0.95 is not fp32's, and a bf16 element it flips Polar Express amplifies (steps off
+# by up to 5e-3 from the record's).
 
 POLAR_EXPRESS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -684,6 +748,12 @@ POLAR_EXPRESS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+
+
+def fp32(x: float) -> torch.Tensor:
+    """A scalar of the step as the record hands it over: an fp32 tensor (on the CPU), so that
+    1 - momentum, lr * wd, beta ** t, ... are computed in fp32 (or cast on), not in double."""
+    return torch.tensor(x, dtype=torch.float32)
 
 
 def polar_express(G: torch.Tensor) -> torch.Tensor:
@@ -720,6 +790,7 @@ def muon_direction(grad, momentum_buf, moment_buf, momentum: float, beta2: float
     """The update direction of a stack of matrices (n, rows, cols); advances both buffers. Every
     rank of `group` holds the same gradients (DDP averaged them), so all but the orthogonalisation
     runs everywhere and the state stays identical on every rank."""
+    momentum = fp32(momentum).to(grad.dtype)
     momentum_buf.lerp_(grad, 1 - momentum)
     g = grad.lerp(momentum_buf, momentum)                                   # Nesterov
     if eq_r:                                                                # MuonEq-R
@@ -731,7 +802,7 @@ def muon_direction(grad, momentum_buf, moment_buf, momentum: float, beta2: float
     v_mean = u.float().square().mean(dim=reduce, keepdim=True)
     size = u.size(reduce)
     norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt()
-    moment_buf.lerp_(v_mean.to(moment_buf.dtype), 1 - torch.tensor(beta2, dtype=torch.bfloat16))
+    moment_buf.lerp_(v_mean.to(moment_buf.dtype), 1 - fp32(beta2).to(u.dtype))
     step = moment_buf.clamp_min(1e-10).rsqrt()
     norm_after = ((v_mean * size) * step.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
     return u * (step * (norm_before / norm_after.clamp_min(1e-10))).to(u.dtype)
@@ -758,21 +829,42 @@ class MuonAdamW(torch.optim.Optimizer):
                     if p.grad is not None:
                         self._adamw(p, group)
 
+    @torch.no_grad()
+    def init_state(self):
+        """The buffers the first step would create (zeros), created now (the first-step probe holds
+        them); a step that finds them goes on as if it had made them."""
+        for group in self.param_groups:
+            if group["kind"] == "muon":
+                self._muon_state(group["params"])
+            else:
+                for p in group["params"]:
+                    self._adamw_state(p)
+
+    def _muon_state(self, params: list) -> dict:
+        state = self.state[params[0]]  # the stack's buffers live with its first matrix
+        if not state:
+            (rows, cols), like = params[0].shape, dict(dtype=params[0].dtype, device=params[0].device)
+            state["momentum"] = torch.zeros(len(params), rows, cols, **like)
+            state["moment"] = torch.zeros(len(params), rows, 1, **like) if rows >= cols else \
+                torch.zeros(len(params), 1, cols, **like)
+        return state
+
+    def _adamw_state(self, p) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"], state["exp_avg"], state["exp_avg_sq"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+        return state
+
     def _muon(self, group):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        state = self.state[params[0]]  # the stack's buffers live with its first matrix
-        rows, cols = params[0].shape
-        if not state:
-            state["momentum"] = torch.zeros(len(params), rows, cols, dtype=params[0].dtype, device=params[0].device)
-            state["moment"] = torch.zeros(len(params), rows, 1, dtype=params[0].dtype, device=params[0].device) \
-                if rows >= cols else torch.zeros(len(params), 1, cols, dtype=params[0].dtype, device=params[0].device)
+        state, (rows, cols) = self._muon_state(params), params[0].shape
         P = torch.stack(params)                                         # (n, rows, cols)
         u = muon_direction(torch.stack([p.grad for p in params]), state["momentum"], state["moment"],
                            group["momentum"], group["beta2"], group["eq_r"], group["normuon"], self.process_group)
-        lr = torch.tensor(group["lr"] * max(1.0, rows / cols) ** 0.5, dtype=u.dtype)
-        wd = torch.tensor(group["weight_decay"], dtype=u.dtype)
+        lr = fp32(group["lr"] * max(1.0, rows / cols) ** 0.5).to(u.dtype)
+        wd = fp32(group["weight_decay"]).to(u.dtype)
         decay = lr * wd * P
         if group["cautious"]:
             decay = decay * ((u * P) >= 0)
@@ -780,18 +872,15 @@ class MuonAdamW(torch.optim.Optimizer):
         torch._foreach_copy_(params, list(P.unbind(0)))
 
     def _adamw(self, p, group):
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
+        state = self._adamw_state(p)
         state["step"] += 1
-        t, (beta1, beta2), lr = state["step"], group["betas"], group["lr"]
-        p.mul_(1 - lr * group["weight_decay"])
+        t, lr, wd, eps = (fp32(x) for x in (state["step"], group["lr"], group["weight_decay"], group["eps"]))
+        beta1, beta2 = (fp32(b) for b in group["betas"])
+        p.mul_(1 - lr * wd)
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
         state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
-        denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+        denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt() + eps
+        p.add_(state["exp_avg"] / denom, alpha=(-lr / (1 - beta1 ** t)).item())  # the record's order, not addcdiv's
 
 
 def build_optimizer(model: GPT, args, process_group=None) -> MuonAdamW:
@@ -1143,15 +1232,15 @@ def _seed(*parts) -> int:
 
 def snapshot_state(model: GPT, device: torch.device) -> dict:
     """The weights as saved: bf16 on GPU (half the disk), exact fp32 on CPU."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = q0_run.held_dtype(device.type)
     return {k: v.detach().to(dtype).cpu().clone() for k, v in model.state_dict().items()}
 
 
-def model_from_state(cfg: GPTConfig, state: dict, device) -> GPT:
-    """A frozen copy of saved weights, built directly on `device` (no host-side model): eval mode,
-    no gradients, so autocast keeps no bf16 weight copies for a backward that never comes."""
+def model_from_state(cfg: GPTConfig, state: dict, device, dtype: torch.dtype = torch.float32) -> GPT:
+    """A frozen copy of saved weights, built directly on `device` (no host-side model) in `dtype`:
+    eval mode, no gradients, so autocast keeps no bf16 weight copies for a backward that never comes."""
     with torch.device(device):
-        model = GPT(cfg)
+        model = GPT(cfg).to(dtype)
     model.load_state_dict(state)
     return model.eval().requires_grad_(False)
 
@@ -1237,6 +1326,7 @@ class BaseTrainer:
         args, cfg, device = run.args, run.cfg, run.device
         self.args, self.base, self.layout, self.data, self.cfg = args, base, run.layout, run.data, cfg
         self.cycles, self.run_dir, self.log, self.device = run.cycles, run.run_dir, run.log, device
+        self.plan = run.plan
         self.leader = self.layout.group_rank == 0
         self.use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
         self.stream = TrainStream(self.data.train, self.data.bos_id, args.seed, base)
@@ -1269,7 +1359,7 @@ class BaseTrainer:
     def load_ensemble(self, distil: list[dict]) -> EnsembleTeacher:
         """The prior's members, frozen and compiled like the student, bf16 on CUDA: member i's body on
         group rank i mod W, its head on every rank (EnsembleTeacher)."""
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        dtype = q0_run.held_dtype(self.device.type)
         size, rank = self.layout.group_size, self.layout.group_rank
         members = []
         for i, d in enumerate(distil):
@@ -1292,8 +1382,11 @@ class BaseTrainer:
         return self.teacher
 
     def after_snapshot(self, scorer: SnapshotTeacher, cycle_index: int):
-        """The snapshot just scored teaches the next cycle if chain distillation wants it; else it goes."""
+        """The snapshot just scored teaches the next cycle if chain distillation wants it, held as
+        the reference holds its teacher (bf16 on CUDA: half the memory of the fp32 scorer); else it goes."""
         keep = self.ensemble is None and chain_distills(self.args, cycle_index + 1)
+        if keep:
+            scorer.model.to(q0_run.held_dtype(self.device.type))
         self.teacher = scorer if keep else None
 
     def load_teacher(self, cycle: int):
@@ -1301,7 +1394,50 @@ class BaseTrainer:
         record = q0_run.read_json(self.run_dir / "snapshots" / f"{q0_run.snapshot_id(self.base, cycle)}.json",
                                   "rerun the same command to repair it")
         state = q0_run.load_weights(self.run_dir / record["weights"])
-        self.set_teacher(model_from_state(self.cfg, state, self.device))
+        self.set_teacher(model_from_state(self.cfg, state, self.device, q0_run.held_dtype(self.device.type)))
+
+    # --- the most expensive step, first -------------------------------------------------------
+    def probe(self):
+        """One micro-batch at the run's shapes, forward and backward, holding what its most
+        expensive step holds: the optimiser's state and the largest teacher the run will hold (the
+        prior's ensemble, or a chain teacher in its dtype, a stand-in with no values). A run that
+        cannot fit fails here, in its first minute, not when distillation starts (cycle 9 of the
+        record, hours in). Nothing of it stays: the stand-in goes, the gradients are dropped."""
+        args, device, B = self.args, self.device, self.layout.device_batch
+        self.optimizer.init_state()  # what the first step would create, created now (zeros either way)
+        teacher, kind = self.ensemble, "the prior's ensemble"
+        if teacher is None and any(chain_distills(args, c.index) for c in self.cycles[self.cycles_done:]):
+            with torch.device("meta"):
+                stand_in = GPT(self.cfg).to(q0_run.held_dtype(device.type))
+            stand_in = stand_in.to_empty(device=device).eval().requires_grad_(False)
+            teacher, kind = SnapshotTeacher(stand_in, self.compiled(stand_in)), "a chain teacher"
+        rows = torch.zeros(B, args.seq_len + 1, dtype=torch.int64, device=device)
+        seeds = torch.zeros(B, dtype=torch.int64, device=device)
+        sync = self.stepper.ddp.no_sync() if self.stepper.ddp is not None else nullcontext()
+        held = [self.model, self.optimizer] + ([] if teacher is None else [m.model for m in getattr(
+            teacher, "members", [teacher]) if isinstance(m, SnapshotTeacher)])
+        what = (f"a {'distilling ' if teacher is not None else ''}micro-batch of {B} x {args.seq_len}"
+                + (f" holding {kind}" if teacher is not None else ""))
+        cap = q0_run.device_memory_gib(args, device)
+        try:
+            with q0_run.peak_memory(device, held) as peak, sync:
+                micro_batch_loss(self.stepper.forward, self.model, teacher, rows, device, seeds, args.distil_alpha,
+                                 args.distil_temperature).backward()
+        except torch.OutOfMemoryError as e:
+            raise UsageError(f"the first step does not fit: {what} ran out of the device's memory ({cap:.1f} GiB; "
+                             f"{str(e).splitlines()[0]}); pass a smaller --device-batch or "
+                             f"--checkpoint-activations") from None
+        finally:
+            self.model.zero_grad(set_to_none=True)
+        gib = peak.bytes / q0_run.GIB
+        plan = self.plan and self.plan.get("traced_gib")
+        self.log.line(f"[b{self.base}] first-step probe: {what}: peak {q0_run.gib_text(gib)}"
+                      + (f" (the plan traced {q0_run.gib_text(plan)})" if plan else "")
+                      + (f" of the device's {q0_run.gib_text(cap)}" if cap else ""))
+        if cap and gib > cap:
+            raise UsageError(f"the first step does not fit: {what} peaks at {gib:.2f} GiB and "
+                             f"--device-memory-gib is {cap:g}; pass a smaller --device-batch or "
+                             f"--checkpoint-activations")
 
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self):
@@ -1333,6 +1469,7 @@ class BaseTrainer:
     def snapshot(self, cycle: Cycle):
         args, sid = self.args, q0_run.snapshot_id(self.base, cycle.index)
         state = snapshot_state(self.model, self.device)
+        self.teacher = None  # the last cycle's teacher goes before its successor is built
         snap = model_from_state(self.cfg, state, self.device)  # evaluate, and later teach, what was saved
         self.log.line(f"[b{self.base}] scoring {sid} on {self.data.fitness.size - 1:,} fitness and "
                       f"{self.data.val.size - 1:,} validation targets")
@@ -1396,6 +1533,7 @@ class BaseTrainer:
         if self.step >= total_steps:
             self.log.line(f"[b{self.base}] already complete")
             return
+        self.probe()
         self.checkpoints.last = started = time.time()
         # tokens/s counts training steps only (not scoring or checkpoints). The clock is read at log
         # points and checkpoints, after a device sync: no per-step sync stalls the queue.
@@ -1421,6 +1559,7 @@ class BaseTrainer:
                     train_seconds += now - mark
                     self.save_checkpoint()
                     mark = self.synced_clock()
+            teacher = None  # the cycle's teacher goes before the snapshot builds its scorer
             self.snapshot(cycle)
             start, end = args.snapshot_noise
             if cycle.index < len(self.cycles) and (start > 0 or end > 0):
@@ -1438,6 +1577,9 @@ class BaseTrainer:
 def main(argv=None) -> int:
     args = parse_args(argv)
     set_kernels(attention=args.attention, autocast=args.autocast)
+    note = None if args.dry_run else check_flex_attention(head_dim=args.d_model // args.n_head)  # may pick SDPA
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     experiment = sys.modules[__name__]  # handed to q0_run, which never imports this file
     if args.dry_run:
         return q0_run.dry_run(experiment, args)

@@ -8,8 +8,9 @@ model, its optimiser or its schedule is no longer the record's: a researcher's v
 MLP, another optimiser group, another LR shape) fails here and only here, each failure saying so.
 
 tests/fixtures/slowrun_small.pt holds weights, inputs and the outputs of the reference's own
-forward and Muon step (fp32 on a CPU), made by tests/fixtures/make_slowrun_fixture.py; the
-reference's code itself is not part of q0.
+forward and Muon step (fp32 on a CPU), made by tests/fixtures/make_slowrun_fixture.py;
+tests/fixtures/slowrun_optimizer.pt two whole steps of its optimiser on a small model
+(make_slowrun_optimizer_fixture.py). The reference's code itself is not part of q0.
 """
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import train_q0 as q0
 from data.shards import UsageError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "slowrun_small.pt"
+OPTIMIZER_FIXTURE = Path(__file__).parent / "fixtures" / "slowrun_optimizer.pt"
 RECORD_PARAMETERS = 1_870_172_811        # the reference's GPT at its defaults (MTP included), counted on meta
 RECORD_PARAMETERS_NO_MTP = 1_810_403_019
 NOT_THE_RECORD = "your model is no longer the record's"
@@ -166,6 +168,24 @@ def test_muon_step_is_the_references(fx):
             p.grad = g.clone()
             opt.step()
             assert_record_close(p.detach(), want, f"Muon step {step} of the {name} matrix", atol=1e-7, rtol=0)
+
+
+def test_optimizer_step_is_the_references():
+    """Two whole steps of build_optimizer's optimiser at the record's flags (every Muon stack, its
+    Polar Express in bf16, and every AdamW group) equal two steps of the reference's own, from the
+    same weights and real gradients (tests/fixtures/make_slowrun_optimizer_fixture.py)."""
+    ox = torch.load(OPTIMIZER_FIXTURE, weights_only=True)
+    model = reference_model(dict(state_dict=ox["state_dict"], config=ox["config"]))
+    opt = q0.build_optimizer(model, q0.parse_args(["--preset", "slowrun"]))
+    params = dict(model.named_parameters())
+    for step, s in enumerate(ox["steps"]):
+        for name, g in import_slowrun.slowrun_state_dict(s["grads"], model.cfg).items():
+            params[name].grad = g
+        for g in opt.param_groups:  # as Stepper.schedule sets them
+            g["lr"], g["weight_decay"] = g["peak_lr"] * s["lr_mult"], g["peak_wd"] * s["wd_mult"]
+        opt.step()
+        for name, want in import_slowrun.slowrun_state_dict(s["after"], model.cfg).items():
+            assert_record_close(params[name].detach(), want, f"{name} after optimiser step {step}", atol=1e-6, rtol=0)
 
 
 def test_optimizer_groups_are_the_records():

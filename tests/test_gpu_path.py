@@ -375,7 +375,8 @@ def test_dry_run_prints_the_plan_and_a_run_that_cannot_fit_is_refused(small_data
            "--fitness-tokens", "1000", "--runs-dir", str(tmp_path), "--dry-run", "--distil-from-cycle", "0"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    progress = ("plan: tracing ", "plan: traced ", "plan: ... still tracing ")
+    lines = [line for line in result.stdout.splitlines() if not line.startswith(progress)]
     params = sum(p.numel() for p in q0.GPT(q0.model_config(q0.parse_args(["--preset", "tiny"]), 256)).parameters())
     assert [line.split(":")[1].strip().split()[0] for line in lines] == [f"{params:,}", "FLOPs", "peak", "disk", "at"]
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
@@ -399,3 +400,257 @@ def test_row_dropout_masks_follow_the_row_and_compile_with_inductor():
     assert torch.equal(q0.row_dropout(x, 0.25, False, seeds, 3), x)
     compiled = torch.compile(lambda t, s: q0.row_dropout(t, 0.25, True, s, 3))
     assert torch.equal(compiled(x, seeds), y)
+
+
+# --- attention on CUDA, proven on a CPU: fake CUDA tensors and FlexAttention's backward ----------
+
+# FakeTensorMode gives tensors on "cuda" (shapes and dtypes, no memory) that dispatch as CUDA ones,
+# CUDA autocast included, but a CPU-only torch stops them at the first x[...] (the indexing code
+# asks for a CUDA device guard) and at the first backward (the autograd engine asks the CUDA hooks
+# for the current stream). This library supplies both, do-nothing; torch looks its CUDA hooks up
+# once, so it is loaded before torch, in an interpreter of its own (fake_cuda below).
+FAKE_CUDA_CPP = r"""
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <c10/core/impl/FakeGuardImpl.h>
+namespace at::fake_cuda {
+struct CUDAHooks : CUDAHooksInterface {  // the name getCUDAHooks() looks up
+  CUDAHooks(CUDAHooksArgs) {}
+  bool hasCUDA() const override { return true; }
+  bool isBuilt() const override { return true; }
+  bool isAvailable() const override { return true; }
+  bool hasPrimaryContext(DeviceIndex) const override { return true; }
+  DeviceIndex deviceCount() const override { return 1; }
+  DeviceIndex getCurrentDevice() const override { return 0; }
+  DeviceIndex current_device() const override { return 0; }
+  int getNumGPUs() const override { return 1; }
+};
+REGISTER_CUDA_HOOKS(CUDAHooks);
+}  // namespace at::fake_cuda
+namespace {
+c10::impl::FakeGuardImpl<c10::DeviceType::CUDA> guard;
+c10::impl::DeviceGuardImplRegistrar registrar(c10::DeviceType::CUDA, &guard);
+}  // namespace
+"""
+
+
+@pytest.fixture(scope="session")
+def fake_cuda(tmp_path_factory):
+    """fake_cuda(name): the JSON result of this module's function `name`, called in a fresh interpreter
+    with the library above loaded (compiled once, about 2 s). Skipped where torch was built with a
+    GPU backend (its own hooks are there) or no C++ compiler is found."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if torch.version.cuda or torch.version.hip or not cxx:
+        pytest.skip("fake CUDA is built for a CPU-only torch with a C++ compiler")
+    folder, torch_dir = tmp_path_factory.mktemp("fake_cuda"), Path(torch.__file__).parent
+    (folder / "fake_cuda.cpp").write_text(FAKE_CUDA_CPP)
+    so = folder / "fake_cuda.so"
+    subprocess.run([cxx, "-shared", "-fPIC", "-std=c++17", "-w", f"-I{torch_dir / 'include'}", str(folder / "fake_cuda.cpp"),
+                    f"-L{torch_dir / 'lib'}", f"-Wl,-rpath,{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-o", str(so)],
+                   check=True, capture_output=True)
+
+    def call(name: str):
+        code = (f"import ctypes, json, sys; ctypes.CDLL({str(so)!r}); sys.path.insert(0, {str(REPO / 'tests')!r}); "
+                f"import test_gpu_path as t; t._pretend_cuda(); print(json.dumps(t.{name}()))")
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return json.loads(result.stdout.splitlines()[-1])
+    return call
+
+
+def _pretend_cuda():
+    """(fake CUDA) torch.autocast("cuda") asks for a real device and bf16 support before it turns on."""
+    import torch.cuda.amp.common
+    torch.cuda.amp.common.amp_definitely_not_available = lambda: False
+    torch.cuda.is_bf16_supported = lambda *args, **kwargs: True
+
+
+def attention_dtypes(device: torch.device) -> list[list[str]]:
+    """The dtypes of q, k, v reaching attend() in a training forward of the tiny preset's model
+    (every layer, the looped ones and MTP's), under the training code's autocast for `device`."""
+    from contextlib import nullcontext
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    seen = []
+
+    def spy(q, k, v, window):
+        seen.append([str(t.dtype) for t in (q, k, v)])
+        return v.clone()  # of the output's shape; fake CUDA has no kernels to run
+    real, q0.attend = q0.attend, spy
+    try:
+        cfg = q0.model_config(q0.parse_args(["--preset", "tiny"]), 256)
+        with FakeTensorMode() if device.type == "cuda" else nullcontext(), device:
+            torch.manual_seed(0)
+            model = q0.GPT(cfg)
+            idx = torch.randint(0, 256, (2, cfg.seq_len + 1))
+            with q0.autocast_for(device):
+                model(idx[:, :-1], idx[:, 1:])
+    finally:
+        q0.attend = real
+    return seen
+
+
+def _fake_cuda_attention_dtypes():
+    return attention_dtypes(torch.device("cuda"))
+
+
+def test_attention_gets_one_dtype_under_cuda_autocast(fake_cuda, monkeypatch):
+    """CUDA autocast runs rms_norm (the QK norm) in fp32 beside a bf16 v; SDPA would cast them
+    itself, FlexAttention takes them as they come. The CPU's bf16 autocast keeps all three bf16,
+    so only fake CUDA tensors show the mix; fp32 stays fp32."""
+    bf16, fp32 = ["torch.bfloat16"] * 3, ["torch.float32"] * 3
+    seen = fake_cuda("_fake_cuda_attention_dtypes")
+    assert len(seen) >= 2 and all(d == bf16 for d in seen), f"dtypes of q, k, v reaching attention: {seen}"
+    monkeypatch.setitem(q0.KERNELS, "autocast", "bf16")
+    assert all(d == bf16 for d in attention_dtypes(torch.device("cpu")))
+    monkeypatch.setitem(q0.KERNELS, "autocast", "off")
+    assert all(d == fp32 for d in attention_dtypes(torch.device("cpu")))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without")
+def test_flex_attention_gradients_equal_sdpas_on_a_cpu(monkeypatch):
+    """torch 2.13 refuses FlexAttention's backward on a CPU in one Python check (_validate_device)
+    before its autograd runs; past it, the higher-order op's own backward runs (dense, from the
+    mask function; the fused CUDA kernel reads the block mask instead, see the fake CUDA trace and
+    check_flex_attention). Eager and as traced in a compiled model (aot_eager: inductor has no CPU
+    lowering of the backward), dq, dk, dv against SDPA's masked gradients in fp32."""
+    import torch.nn.attention.flex_attention as fa
+    from torch.nn.attention.flex_attention import flex_attention
+    monkeypatch.setattr(fa, "_validate_device", lambda *args: None)
+    T = 200  # not a multiple of the block size
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(2, 3, T, 16) for _ in range(4))
+    torch._dynamo.reset()
+    traced = torch.compile(q0.flex_attend, backend="aot_eager", fullgraph=True)
+    for window in (37, T - 1):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        want = torch.autograd.grad(q0.sdpa_attend(*inputs, window), inputs, dout)
+        for flex in (lambda a, b, c: flex_attention(a, b, c, block_mask=q0._window_block_mask(T, window, "cpu")),
+                     lambda a, b, c: traced(a, b, c, window)):
+            got = torch.autograd.grad(flex(*inputs), inputs, dout)
+            for name, g, w in zip("qkv", got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=0, msg=lambda m: f"d{name}, window {window}: {m}")
+    torch._dynamo.reset()
+
+
+def _fake_cuda_flex_graphs() -> dict:
+    """(fake CUDA) The forward and backward graphs AOTAutograd makes, as torch.compile does on a
+    GPU: of flex_attend on bf16 q, k, v in a window, and of the tiny preset's last attention layer
+    (plain causal) under the training code's CUDA autocast. For each, every FlexAttention
+    node's tensors (dtype, shape) and the gradients autograd hands back."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    ops = {torch.ops.higher_order.flex_attention: "fw", torch.ops.higher_order.flex_attention_backward: "bw"}
+    cuda, found = torch.device("cuda"), []
+
+    def described(values) -> list:
+        return [[str(t.dtype), list(t.shape)] for t in values if isinstance(t, torch.Tensor)]
+
+    def record(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if n.target in ops:
+                args = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in n.args[:7]]
+                found.append({"op": ops[n.target], "in": described(args), "out": described(n.meta["val"][:3])})
+        return make_boxed_func(gm.forward)
+
+    def traced(fn, inputs: list) -> dict:
+        found.clear()
+        torch._dynamo.reset()
+        out = torch.compile(fn, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)(*inputs)
+        grads = torch.autograd.grad(out.float().square().sum(), inputs)
+        return {"nodes": list(found), "grads": [[str(g.dtype), list(g.shape), str(g.device)] for g in grads],
+                "inputs": [[str(t.dtype), list(t.shape), str(t.device)] for t in inputs]}
+
+    result = {}
+    cfg = q0.model_config(q0.parse_args(["--preset", "tiny"]), 256)
+    with FakeTensorMode(), cuda:
+        q, k, v = (torch.randn(2, 3, 200, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        result["flex_attend, window 37"] = traced(lambda a, b, c: q0.flex_attend(a, b, c, 37), [q, k, v])
+        layer = q0.CausalSelfAttention(cfg, cfg.n_layer - 1)  # the long (plain causal) layer, a value embedding
+        assert layer.window >= cfg.seq_len - 1 and layer.value_embed is not None
+        rope = [t.to(cuda) for t in q0.rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_head)]
+        x, x0 = (torch.randn(2, cfg.seq_len, cfg.d_model) for _ in range(2))
+        with q0.autocast_for(cuda):
+            result["attention layer"] = traced(lambda *weights: layer(x, x0, rope), list(layer.parameters()))
+    return result
+
+
+def test_flex_attention_forward_and_backward_trace_on_fake_cuda(fake_cuda):
+    """FlexAttention's backward on CUDA as far as a CPU can follow it: the compiled graphs of the
+    forward and the backward hold FlexAttention's forward and backward ops, every tensor between
+    them bf16 (the log-sum-exp fp32), dq, dk, dv of q, k, v's dtype and shape, and the gradients
+    reach the inputs (of an attention layer: its fp32 weights) on the device."""
+    bf16 = "torch.bfloat16"
+    for name, r in fake_cuda("_fake_cuda_flex_graphs").items():
+        assert [n["op"] for n in r["nodes"]] == ["fw", "bw"], name
+        fw, bw = r["nodes"]
+        (q, k, v), (out, lse, _) = fw["in"], fw["out"]
+        assert q[0] == k[0] == v[0] == out[0] == bf16 and lse == ["torch.float32", q[1][:3]], (name, fw)
+        assert bw["in"] == [q, k, v, out, lse, out], (name, bw)  # q, k, v, out, log-sum-exp, grad of out
+        assert bw["out"] == [q, k, v], (name, bw)                # dq, dk, dv
+        assert r["grads"] == r["inputs"], name
+        assert all(device == "cuda:0" for *_, device in r["grads"]), name
+
+
+def test_a_flex_attention_that_fails_its_start_up_check_gives_way_to_sdpa(monkeypatch):
+    """check_flex_attention runs where attention would be FlexAttention: on CUDA (auto) or asked
+    for (flex). A kernel that raises, or whose numbers are off, hands attention to SDPA with one
+    note; one that agrees with SDPA leaves it be. On a CPU, asking for flex is the raising case."""
+    kernels = lambda attention: monkeypatch.setitem(q0.KERNELS, "attention", attention)  # noqa: E731
+    for attention, device in (("auto", "cpu"), ("sdpa", "cpu"), ("sdpa", "cuda")):  # nothing to check
+        kernels(attention)
+        assert q0.check_flex_attention(device) is None and q0.KERNELS["attention"] == attention
+    kernels("flex")  # torch's own refusal: no FlexAttention backward on a CPU
+    assert q0.check_flex_attention("cpu") == (
+        "attention: FlexAttention failed its start-up check against SDPA (NotImplementedError: FlexAttention "
+        "does not support backward on CPU. Please set the input requires_grad to False or use another device.); "
+        "using SDPA")
+    assert q0.KERNELS["attention"] == "sdpa"
+    kernels("flex")  # a kernel that runs, a key off
+    monkeypatch.setattr(q0, "flex_attend", lambda q, k, v, window: q0.sdpa_attend(q, k, v, window - 1))
+    note = q0.check_flex_attention(torch.device("cpu"), head_dim=16)
+    assert note.startswith("attention: FlexAttention failed its start-up check against SDPA (output or gradients "
+                           "off SDPA's by 0.")
+    assert note.endswith(" of their largest value, over 0.05); using SDPA")
+    assert q0.KERNELS["attention"] == "sdpa"
+    kernels("flex")  # NaN is off too
+    monkeypatch.setattr(q0, "flex_attend", lambda q, k, v, window: q0.sdpa_attend(q, k, v, window) * torch.nan)
+    assert "(output or gradients off SDPA's by inf " in q0.check_flex_attention("cpu", 16) and q0.KERNELS["attention"] == "sdpa"
+    kernels("flex")  # a kernel that agrees (bf16 against fp32)
+    monkeypatch.setattr(q0, "flex_attend", q0.sdpa_attend)
+    assert q0.check_flex_attention("cpu", 16) is None and q0.KERNELS["attention"] == "flex"
+    kernels("auto")  # auto on CUDA checks: a failure there, without a GPU (the check's own work stood in for)
+    monkeypatch.setattr(q0, "_flex_gap", lambda device, head_dim: 1 / 0)
+    assert "(ZeroDivisionError: division by zero)" in q0.check_flex_attention("cuda")
+    assert q0.KERNELS["attention"] == "sdpa"
+
+
+def test_main_notes_the_fallback_once_on_rank_zero(capsys, monkeypatch):
+    """main() checks right after setting the kernels, before the run starts (stopped there)."""
+    def stop(*args):
+        raise UsageError("stopped after the start-up check")
+    monkeypatch.setattr(q0_run, "start", stop)
+    monkeypatch.setitem(q0.KERNELS, "attention", "auto")
+    monkeypatch.setattr(q0_run.PROCESS, "rank", q0_run.PROCESS.rank)  # main() sets it from RANK
+    for rank, notes in (("0", 1), ("3", 0)):
+        monkeypatch.setenv("RANK", rank)
+        assert q0.main(["--preset", "tiny", "--attention", "flex"]) == 2 and q0.KERNELS["attention"] == "sdpa"
+        err = capsys.readouterr().err
+        assert sum(line.startswith("note: attention: FlexAttention failed") for line in err.splitlines()) == notes, err
+
+
+@pytest.mark.slow
+def test_a_run_that_asks_for_flex_on_a_cpu_trains_on_sdpa_and_says_so_once(small_data, tmp_path, capsys, monkeypatch):
+    """Without the check, the first backward would stop it (a whole run: 25 to 80 s on 2 cores)."""
+    monkeypatch.setitem(q0.KERNELS, "attention", "auto")  # main() sets it; restored afterwards
+    rc = q0.main(["--preset", "tiny", "--fitness-tokens", "1000", "--train-tokens", "4096", "--val-tokens", "2048",
+                  "--data-dir", str(small_data), "--runs-dir", str(tmp_path), "--cycles", "1", "--attention", "flex"])
+    err = capsys.readouterr().err
+    assert rc == 0 and q0.KERNELS["attention"] == "sdpa"
+    notes = [line for line in err.splitlines() if line.startswith("note: attention: ")]
+    assert len(notes) == 1 and "(NotImplementedError: FlexAttention does not support backward on CPU." in notes[0]
