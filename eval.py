@@ -16,7 +16,6 @@ per token, unbiased) keeps it within 1e-3 nats/token of the forward path: that i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import resource
@@ -37,7 +36,7 @@ CACHE_TOLERANCE = 1e-3  # nats/token between the cached fp16 and forward paths (
 CHUNK_ELEMS = 1 << 22    # tokens x max(members, weightings) scored at once: 32 MiB of float64
 PARTS = ("members", "uniform", "prior", "curve")
 MD_TITLE = "# q0 evaluation "
-EVAL_VERSION = 1         # eval.json's format
+EVAL_VERSION = 2         # eval.json's format; 2: sealed (q0_run.sealed_json)
 # --forward under torchrun: a rank waits in a collective while another runs a member's forward pass
 # over the whole validation set, so the timeout is torch's gloo default, not the trainer's flag's.
 COLLECTIVE_TIMEOUT_MINUTES = 30.0
@@ -479,6 +478,9 @@ def main(argv=None):
     with claim_outputs(out, writer=os.environ.get("RANK", "0") == "0"):
         pop, students = split_students(q0_run.load_population(args.runs))
         members = pop + students  # weightings are over the population; students get weight 0 in all
+        if os.environ.get("RANK", "0") == "0":
+            for note in q0_run.unfinished_notes(members, "this evaluation", "evaluate again"):
+                print(note, file=sys.stderr, flush=True)
         weightings, prior = choose_weightings(args, parts, pop)
         W = torch.from_numpy(np.stack([np.append(x["w"], np.zeros(len(students))) for x in weightings])) \
             if weightings else torch.zeros((0, len(members)), dtype=torch.float64)
@@ -491,7 +493,7 @@ def main(argv=None):
         q0_run.write_output(out.with_suffix(".md"), md + "\n", replace=True)  # the JSON, last, marks them complete
         if args.plot:
             plot(res, out.with_suffix(".png"))
-        q0_run.write_output(out, json.dumps(res, indent=1) + "\n")
+        q0_run.write_output(out, q0_run.sealed_json(res) + "\n")
     print(md)
     print(f"wrote {', '.join(map(str, outputs))} (peak RSS {res['peak_rss_mib']:.0f} MiB, rank 0)")
 

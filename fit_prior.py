@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -38,7 +37,7 @@ FP32_MARGIN = 1e-4             # g_i above 1 + this in an fp32 pass: surely want
 CHUNK_ELEMS = 1 << 24    # float64 verification passes convert this many fp32 entries at a time
 MAX_EM_STEPS = 20000  # a safety net; a stop here is reported, not hidden
 ADAMW_LR, ADAMW_STEPS = 0.5, 300  # the public code's solver
-PRIOR_VERSION = 1      # prior.json's format (read by eval.py --prior and train_q0.py --distil-from)
+PRIOR_VERSION = 2      # prior.json's format (read by eval.py --prior and train_q0.py --distil-from); 2: sealed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,15 +47,7 @@ PRIOR_VERSION = 1      # prior.json's format (read by eval.py --prior and train_
 def unfinished_runs(members: list[Member]) -> list[str]:
     """A note per run that has fewer snapshots than its layout plans (still training, or stopped):
     the prior records exactly which snapshots it saw, and eval.py names the ones it missed."""
-    notes = []
-    for d in sorted({m.run_dir for m in members}):
-        layout = next(m.run for m in members if m.run_dir == d).get("layout")
-        have = sum(m.run_dir == d for m in members)
-        planned = layout["bases"] * len(layout["cycles"]) if layout else have
-        if have < planned:
-            notes.append(f"note: {d} has {have} of its {planned} snapshots (still training?); this prior covers "
-                         f"those {have}: refit when it finishes")
-    return notes
+    return q0_run.unfinished_notes(members, "this prior", "refit")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +379,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else Path(args.runs[0]) / "prior.json"
     with q0_run.claim_output(out):  # held from before any work: nothing is computed for nothing
         prior, members = fit_population(args, out)
-        q0_run.write_output(out, json.dumps(prior, indent=1) + "\n")
+        q0_run.write_output(out, q0_run.sealed_json(prior) + "\n")
     print(table(prior, members))
     print(f"wrote {out}")
 

@@ -34,6 +34,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -210,6 +211,7 @@ def claim_output(path, flag: str = "--out", hold: bool = True):
     atomic_write opens and closes that name, which would drop a record lock but not an flock."""
     path = Path(path)
     if path.exists():
+        _written_before_a_stop(path, hold)
         raise _exists(path, flag)
     if not hold:
         yield None
@@ -232,6 +234,30 @@ def claim_output(path, flag: str = "--out", hold: bool = True):
             if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
                 tmp.unlink()
         os.close(fd)
+
+
+def _written_before_a_stop(path: Path, hold: bool):
+    """The output exists and so does its temporary name, both naming one file: a command stopped
+    after linking its output into place, before removing the temporary name. The output is
+    complete, so the rerun's work is done: the temporary name goes (unless its writer is alive),
+    and shards.Finished says so (a note, exit code 0)."""
+    tmp = _tmp_name(path)
+    try:
+        if not os.path.samefile(tmp, path):
+            return
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # its writer is still finishing: the output is refused as any existing one
+    finally:
+        os.close(fd)
+    if hold:
+        tmp.unlink(missing_ok=True)
+    raise shards.Finished(f"{path} is already complete: this command wrote it before it was stopped; nothing "
+                          f"left to do (move it away to compute it again)")
 
 
 def write_output(path, content, flag: str = "--out", replace: bool = False):
@@ -378,13 +404,29 @@ def load_data(args) -> RunData:
 #            /checkpoints/baseB.pt                            resume state of base B
 #            /manifest.json      run.json plus every snapshot record, written at the end
 
-RUN_VERSION = 2  # 2: the record's model (looping, IHA, MTP, separate q/k/v) and optimiser
+RUN_VERSION = 3  # 2: the record's model (looping, IHA, MTP, separate q/k/v) and optimiser; 3: sealed
+RUN_VERSIONS = (2, 3)  # the same model: a run of format 2 reads and resumes, its unsealed files accepted
+SEALED_RUN_VERSION = 3  # from this format on, run.json, every record and checkpoint carries its SHA-256
 
 
 def check_run_version(run: dict, run_dir) -> None:
-    if run.get("version") != RUN_VERSION:
+    if run.get("version") not in RUN_VERSIONS:
         raise UsageError(f"{run_dir} was written by an older q0 (run format {run.get('version')}, this code writes "
                          f"{RUN_VERSION}): its model differs; retrain it, or use the q0 version that trained it")
+
+
+def sealed_run(run: dict) -> bool:
+    """Whether a run's files must carry their SHA-256 (its format is 3 or later); format 2's did not."""
+    return isinstance(run.get("version"), int) and run["version"] >= SEALED_RUN_VERSION
+
+
+def retrain_fix(run_dir, sid: str) -> str:
+    """The repair of a snapshot (its weights, record or caches) that changed after it was written: its
+    files and its base's checkpoint moved away, the base trains again (on a CPU, bitwise the same)."""
+    base = sid[1:sid.index("c")] if sid.startswith("b") and "c" in sid else "B"
+    run_dir = Path(run_dir)
+    return (f"move {run_dir / 'snapshots' / sid}.* and {run_dir / 'checkpoints' / f'base{base}.pt'} away, then rerun "
+            f"the run's training command: base {base} trains again from its first step")
 
 
 def snapshot_id(base: int, cycle: int) -> str:
@@ -395,14 +437,48 @@ def load_run(run_dir) -> dict:
     path = Path(run_dir) / "run.json"
     if not path.exists():
         raise UsageError(f"{run_dir} is not a q0 run (no run.json); train one with: python train_q0.py")
-    return read_json(path, "rerun the training command that made it")
+    return read_json(path, f"nothing can resume or read the run without it: restore it from a copy, or move "
+                           f"{Path(run_dir)} away and train the run again", sealed=sealed_run)
 
 
-def read_json(path, fix: str) -> dict:
+def read_json(path, fix: str, sealed=False) -> dict:
+    """A JSON file, whole, and (check_seal) unchanged since it was written; `sealed`: it must carry a
+    seal (or a function of its content that says so: its format's version)."""
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"{path} is unreadable or not whole JSON ({type(e).__name__}); {fix}") from None
+    return check_seal(obj, path, fix, sealed)
+
+
+# Sealed JSON: every JSON file q0 writes and reads back (run.json, snapshot records, prior.json; and
+# manifest.json and eval.json, for readers elsewhere) ends with a key "sha256": the SHA-256 of the
+# canonical JSON (keys sorted, no spaces, ASCII) of the rest. sealed_json writes it, check_seal
+# (read_json, read_prior) checks it and hands back the rest. A file of a format from before seals
+# has none and is accepted; a format that seals its files refuses one without (a flip in the key).
+SEAL = "sha256"
+
+
+def _seal_of(obj: dict) -> str:
+    rest = json.loads(json.dumps({k: v for k, v in obj.items() if k != SEAL}))  # as a reader will see it
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed_json(obj: dict) -> str:
+    """The text of a JSON file q0 writes: obj, indented, then its seal."""
+    return json.dumps({**{k: v for k, v in obj.items() if k != SEAL}, SEAL: _seal_of(obj)}, indent=1)
+
+
+def check_seal(obj, path, fix: str, sealed):
+    """obj as read from `path`, its seal checked and removed; `fix` is the repair an error names."""
+    if not isinstance(obj, dict) or SEAL not in obj:
+        if sealed(obj) if callable(sealed) else sealed:
+            raise UsageError(f"{path} carries no SHA-256 seal, which its format's files carry (it changed after it "
+                             f"was written); {fix}")
+        return obj
+    if obj[SEAL] != _seal_of(obj):
+        raise UsageError(f"{path} does not match the SHA-256 sealed in it (it changed after it was written); {fix}")
+    return {k: v for k, v in obj.items() if k != SEAL}
 
 
 def json_header(kind: str, version: int) -> dict:
@@ -418,26 +494,39 @@ SNAPSHOT_FILES = ("weights", "fitness_probs", "val_probs")
 def list_snapshots(run_dir) -> list[dict]:
     """Snapshot records present on disk, in population order (cycle, then base). A record is the
     snapshot's completion marker (written after its files, removed before them): one whose files
-    are gone was tampered with, and nothing may be computed from it."""
-    records = [read_json(p, "move it away (with its snapshot files) and resume the run")
-               for p in Path(run_dir, "snapshots").glob("b*c*.json")]
+    are gone was tampered with, and nothing may be computed from it. Each is checked (read_record)."""
+    sealed = sealed_run(load_run(run_dir))
+    records = [read_record(run_dir, p.stem, sealed) for p in Path(run_dir, "snapshots").glob("b*c*.json")]
     for r in records:
         missing = [r[k] for k in SNAPSHOT_FILES if r.get(k) and not (Path(run_dir) / r[k]).is_file()]
         if missing:
-            raise UsageError(f"snapshot {r['id']} of {run_dir} is missing {', '.join(missing)}; rerun its training "
-                             f"command to repair it")
+            raise UsageError(f"snapshot {r['id']} of {run_dir} is missing {', '.join(missing)}; "
+                             f"{retrain_fix(run_dir, r['id'])}")
     return sorted(records, key=lambda r: (r["cycle"], r["base"]))
+
+
+def read_record(run_dir, sid: str, sealed: bool | None = None) -> dict:
+    """Snapshot `sid`'s record (snapshots/<sid>.json), unchanged since it was written: its seal
+    matches (required in a sealed run; `sealed` None: run.json says) and it names itself."""
+    path = Path(run_dir) / "snapshots" / f"{sid}.json"
+    fix = retrain_fix(run_dir, sid)
+    record = read_json(path, fix, sealed_run(load_run(run_dir)) if sealed is None else sealed)
+    if not isinstance(record, dict) or record.get("id") != sid:
+        raise UsageError(f"{path} is not the record of snapshot {sid}; {fix}")
+    return record
 
 
 def snapshot_weights(run_dir, record: dict, check_sha: bool = True) -> tuple[dict, Path]:
     """A snapshot's model config (GPTConfig's fields, as run.json records them) and its weights
-    file, checked: present, unchanged since written (SHA-256), written by this run format."""
+    file, checked: present, unchanged since written (SHA-256), written by this run format. The one
+    way a snapshot's weights are loaded (a teacher, a student's init, eval.py --forward)."""
     run = load_run(run_dir)
     path = Path(run_dir) / record["weights"]
     if not path.exists():
         raise UsageError(f"snapshot {record['id']} is missing its weights {path}")
     if check_sha and sha256_file(path) != record["weights_sha256"]:
-        raise UsageError(f"{path} does not match the SHA-256 in its record: the file changed since it was written")
+        raise UsageError(f"{path} does not match the SHA-256 in its record: the file changed since it was "
+                         f"written; {retrain_fix(run_dir, record['id'])}")
     check_run_version(run, run_dir)
     return run["model"], path
 
@@ -504,17 +593,25 @@ class RunLog:
             return
         if echo:
             print(text, flush=True)
-        with open(self.run_dir / "log.txt", "a") as f:
-            f.write(text + "\n")
+        self._append("log.txt", text + "\n")
 
     def event(self, kind: str, **fields):
         if not self.enabled:
             return
         record = {"event": kind, "time": round(time.time(), 3), **fields}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append("metrics.jsonl", json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in fields.items() if isinstance(v, (int, float))})
+
+    def _append(self, name: str, text: str):
+        """A line appended to a log (not synced: the log is for reading, the run's state is in its
+        atomic files); a full or read-only disk is one line that names the file."""
+        path = self.run_dir / name
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+        except OSError as e:
+            raise _disk_error(path, None, e) or shards.machine_error(e) or e from None
 
 
 def check_same_run(run_dir: Path, population: dict, data: RunData):
@@ -577,6 +674,7 @@ def prepare_run_dir(args, data: RunData, model_cfg, cycles: list, population: di
         lock = RunLock(run_dir, 0)
         check_run_version(load_run(run_dir), run_dir)
         check_same_run(run_dir, population, data)
+        PopulationTracker(run_dir).update()  # every record and validation cache checked before anything runs
         sweep_temporaries(run_dir)
         return run_dir, True, lock
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -595,7 +693,7 @@ def prepare_run_dir(args, data: RunData, model_cfg, cycles: list, population: di
                    "epochs_per_base": per_base, "epoch_budget": per_base * args.bases},
         "code": {_code_name(p): sha256_file(p) for p in code},
     }
-    atomic_write_text(building / "run.json", json.dumps(run, indent=1))
+    atomic_write_text(building / "run.json", sealed_json(run))
     try:
         _commit(os.rename, building, run_dir)  # an empty folder of that name is replaced
     except OSError as e:
@@ -634,7 +732,7 @@ class CachedProbs:
     never held whole; check() after the last chunk (the record's hash is of the whole file)."""
 
     def __init__(self, run_dir, record: dict, kind: str, targets: int):
-        self.name = f"{run_dir}:{record['id']}"
+        self.name, self.fix = f"{run_dir}:{record['id']}", retrain_fix(run_dir, record["id"])
         if record.get(f"{kind}_probs") is None:
             raise UsageError(f"{self.name} has no cached {CACHE_KINDS[kind]} probabilities; evaluate with --forward")
         self.path, self.expect = Path(run_dir) / record[f"{kind}_probs"], record[f"{kind}_probs_sha256"]
@@ -680,7 +778,7 @@ class CachedProbs:
 
     def _changed(self) -> UsageError:
         return UsageError(f"{self.path}: SHA-256 differs from its snapshot record; the cache changed after it was "
-                          f"written")
+                          f"written; {self.fix}")
 
 
 def cached_probs(run_dir, record: dict, kind: str, targets: int) -> np.ndarray:
@@ -722,7 +820,7 @@ def save_snapshot(run_dir: Path, record: dict, state: dict, fitness: np.ndarray,
         atomic_save_npy(snap_dir / f"{sid}.val.npy", probs_to_cache(val))
     for key in ("weights", "fitness_probs", "val_probs"):
         record[key + "_sha256"] = sha256_file(run_dir / record[key]) if record[key] else None
-    atomic_write_text(snap_dir / f"{sid}.json", json.dumps(record, indent=1))
+    atomic_write_text(snap_dir / f"{sid}.json", sealed_json(record))
 
 
 def snapshot_record(sid: str, base: int, cycle: int, step: int, base_epochs: float, fitness: np.ndarray,
@@ -768,9 +866,60 @@ def population_line(pop: dict) -> str:
             f"({pop['snapshots']} forward pass{'es' if pop['snapshots'] != 1 else ''})")
 
 
+HASH_CHUNK = 1 << 26  # bytes of tensor data one hashing thread takes at a time (64 MiB)
+
+
+def state_sha256(state, threads: int | None = None) -> str:
+    """SHA-256 of a checkpoint's content (stored in it as "sha256"): every key and plain value (its
+    repr) and every tensor (dtype, shape, then the SHA-256 of each 64 MiB chunk of its bytes, in
+    order), in the order the dicts hold them. Chunks are hashed on `threads` threads (hashlib lets
+    go of the GIL; default: the cores this process may use, at most 8), a CUDA tensor's copied to
+    the host a chunk at a time. The result depends on the content alone: not on the device, the
+    thread count or how pickle laid the file out."""
+    parts, chunks = [], []
+
+    def walk(x):
+        if torch.is_tensor(x):
+            flat = x.detach().contiguous().reshape(-1).view(torch.uint8)
+            parts.append(f"T{x.dtype}{tuple(x.shape)}:".encode())
+            for s in range(0, flat.numel(), HASH_CHUNK):
+                parts.append(len(chunks))
+                chunks.append(flat[s:s + HASH_CHUNK])
+        elif isinstance(x, dict):
+            parts.append(b"D%d:" % len(x))
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            parts.append(b"%s%d:" % (b"L" if isinstance(x, list) else b"U", len(x)))
+            for v in x:
+                walk(v)
+        else:
+            text = repr(x).encode()
+            parts.append(b"S%d:" % len(text) + text)
+
+    walk(state)
+
+    def digest(chunk: torch.Tensor) -> bytes:
+        return hashlib.sha256(chunk.cpu().numpy()).digest()
+
+    threads = threads or min(8, len(os.sched_getaffinity(0)))
+    if threads > 1 and len(chunks) > 1 and sum(c.numel() for c in chunks) > HASH_CHUNK:
+        with ThreadPoolExecutor(threads) as pool:
+            digests = list(pool.map(digest, chunks))
+    else:
+        digests = [digest(c) for c in chunks]
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(digests[p] if isinstance(p, int) else p)
+    return h.hexdigest()
+
+
 class Checkpoints:
     """The resume state of one base: checkpoints/baseB.pt, written by the group's leader (atomic),
-    read by every process of the group."""
+    read by every process of the group. It carries the SHA-256 of its own content ("sha256",
+    state_sha256): one file, written in one atomic commit, so a kill at any moment leaves a
+    checkpoint and its hash that agree, and a resume uses none whose content changed since."""
 
     def __init__(self, run_dir: Path, base: int, leader: bool):
         self.run_dir, self.base, self.leader = run_dir, base, leader
@@ -782,11 +931,23 @@ class Checkpoints:
 
     def save(self, state: dict):
         if self.leader:
-            atomic_torch_save(state, self.path)
+            atomic_torch_save({**state, SEAL: state_sha256(state)}, self.path)
         self.last = time.time()
 
     def load(self, device) -> dict | None:
-        return load_weights(self.path, device) if self.path.exists() else None
+        """The checkpoint, its content checked against the SHA-256 in it (a format 2 run's carry none)."""
+        if not self.path.exists():
+            return None
+        state = load_weights(self.path, device)
+        fix = f"move it away and rerun the same command: base {self.base} trains again from its first step"
+        seal = state.pop(SEAL, None) if isinstance(state, dict) else None
+        if seal is None and sealed_run(load_run(self.run_dir)):
+            raise UsageError(f"{self.path} carries no SHA-256 of its content, which this run's checkpoints carry; "
+                             f"{fix}")
+        if seal is not None and seal != state_sha256(state):
+            raise UsageError(f"{self.path}: its content does not match the SHA-256 stored in it (the file changed "
+                             f"after it was written); {fix}")
+        return state
 
     def drop_unfinished(self, cycles_done: int, cycles: int) -> int:
         """Remove the snapshot files a killed run wrote after its last checkpoint (they are
@@ -821,7 +982,14 @@ def read_prior(path: Path) -> dict:
                          f"`python fit_prior.py RUN_DIR --out NEW.json`") from None
     if not isinstance(prior, dict) or prior.get("format") != "q0-prior":
         raise UsageError(f"{path} is not a q0 prior (fit one with `python fit_prior.py RUN_DIR`)")
-    return prior
+    fix = "refit the prior: `python fit_prior.py RUN_DIR --out NEW.json`"
+    if prior.get("version") not in PRIOR_VERSIONS:
+        raise UsageError(f"{path} is a q0 prior of format {prior.get('version')}, and this code reads formats "
+                         f"{', '.join(map(str, PRIOR_VERSIONS))}; {fix}")
+    return check_seal(prior, path, fix, sealed=prior["version"] >= SEALED_PRIOR_VERSION)
+
+
+PRIOR_VERSIONS, SEALED_PRIOR_VERSION = (1, 2), 2  # fit_prior.py writes 2: sealed (sealed_json); 1 was not
 
 
 def check_prior(path: Path, prior: dict, refs: list[dict], fitness_sha256: str, than: str, records: dict | None = None,
@@ -841,7 +1009,7 @@ def check_prior(path: Path, prior: dict, refs: list[dict], fitness_sha256: str, 
         if records is not None:
             record = records.get((run_dir, ref["id"]))
         else:
-            record = read_json(record_path, "rerun its training command to repair it") if record_path.is_file() else None
+            record = read_record(run_dir, ref["id"]) if record_path.is_file() else None
         if record is None:
             why = "whose run was not given; give that run too, or" if record_path.is_file() else "which is gone;"
             raise UsageError(f"{who} was fitted on snapshot {ref['id']} of {run_dir}, {why} refit the prior with "
@@ -907,9 +1075,11 @@ class Member:
 def load_population(run_dirs) -> list[Member]:
     """Every snapshot of every run, in arrival order (cycle, run, base). Refuses runs whose
     fitness sets, validation sets or tokenisers differ: their probabilities do not compare."""
-    members, first = [], None
+    members, first, named = [], None, {}
     for j, d in enumerate(run_dirs):
         d = Path(d)
+        if named.setdefault(d.resolve(), d) is not d:  # its snapshots would count twice
+            raise UsageError(f"{d} is named twice among the runs (also as {named[d.resolve()]}); give each run once")
         if not (d / "run.json").is_file():
             raise UsageError(f"{d}: not a run directory (no run.json); make one with `python train_q0.py`")
         run = load_run(d)
@@ -928,6 +1098,38 @@ def load_population(run_dirs) -> list[Member]:
         members += [Member(d, j, run, r) for r in recs]
     members.sort(key=lambda m: (m.record["cycle"], m.run_index, m.record["base"]))
     return members
+
+
+def training_pids(run_dir) -> list[str]:
+    """The pids of live trainers holding the run's lock (RunLock); none when it is free or unreadable."""
+    try:
+        fd = os.open(Path(run_dir) / ".lock", os.O_RDWR)
+    except OSError:
+        return []
+    probe = object.__new__(RunLock)
+    probe.fd = fd
+    try:
+        return probe.holders()
+    finally:
+        os.close(fd)
+
+
+def unfinished_notes(members: list[Member], what: str, redo: str) -> list[str]:
+    """A note per run still training (a live trainer holds its lock) or with fewer snapshots than
+    its layout plans (stopped): `what` (this prior, this evaluation) covers only the snapshots so far."""
+    notes = []
+    for d in dict.fromkeys(m.run_dir for m in members):
+        layout = next(m.run for m in members if m.run_dir == d).get("layout")
+        have = sum(m.run_dir == d for m in members)
+        planned = layout["bases"] * len(layout["cycles"]) if layout else have
+        pids = training_pids(d)
+        if pids:
+            notes.append(f"note: {d} is still training (pid {', '.join(pids)}; {have} of its {planned} snapshots "
+                         f"so far); {what} covers those {have}: {redo} when it finishes")
+        elif have < planned:
+            notes.append(f"note: {d} has {have} of its {planned} snapshots (still training?); {what} covers those "
+                         f"{have}: {redo} when it finishes")
+    return notes
 
 
 def load_matrix(members: list[Member], kind: str) -> torch.Tensor:
@@ -1299,7 +1501,7 @@ def _memory_line(plan: dict) -> str:
             f"{' with' if plan['checkpoint_activations'] else ' without'} activation checkpointing: ")
     if plan["peak_gib"] is None:
         return head + "traced for CUDA runs and --dry-run"
-    held = ([f"DDP's gradient buckets"] if plan["ddp_buckets"] else []) + \
+    held = (["DDP's gradient buckets"] if plan["ddp_buckets"] else []) + \
         ([f"a {plan['teacher_dtype']} teacher"] if plan["peak_gib_distilling"] is not None else [])
     line = head + gib_text(plan["peak_gib"]) + (f", distilling {gib_text(plan['peak_gib_distilling'])}"
                                             if plan["peak_gib_distilling"] is not None else "")
@@ -1364,9 +1566,9 @@ def check_disk(plan: dict, run_dir: Path):
     """Refuse, with the numbers, a run whose snapshots, caches and checkpoints cannot fit."""
     need, free, place = _disk_need(plan, run_dir)
     if need > free:
-        raise UsageError(f"the run needs {need / GIB:.1f} GiB more for {plan['snapshots']} snapshots "
-                         f"({plan['snapshot_gib']:.2f} GiB each) and checkpoints, and {place} has "
-                         f"{free / GIB:.1f} GiB free; free space, choose another --runs-dir, or pass --val-probs 0")
+        raise UsageError(f"the run needs {gib_text(need / GIB)} more for {plan['snapshots']} snapshots "
+                         f"({gib_text(plan['snapshot_gib'])} each) and checkpoints, and {place} has "
+                         f"{gib_text(free / GIB)} free; free space, choose another --runs-dir, or pass --val-probs 0")
 
 
 # =============================================================================================
@@ -1499,7 +1701,8 @@ class Run:
             yield
         except UsageError as e:
             if self.layout.group_rank == 0:
-                self.log.line(f"error: {e}", echo=False)
+                with contextlib.suppress(UsageError):  # the log itself may be what failed
+                    self.log.line(f"error: {e}", echo=False)
             else:
                 e.quiet = True
             raise
@@ -1518,15 +1721,25 @@ PROCESS = _Process()
 def reports_errors(main):
     """train_q0.main's error convention: a UsageError is one `error:` line (said by rank 0 before the
     run starts, then by whichever process meets it) and exit code 2; a failed collective whose peer
-    stopped answering names that rank. The heartbeats stop last."""
+    stopped answering names that rank. An OSError the machine caused (a full disk under a print, a
+    log line) is one line too (shards.machine_error); Ctrl-C is one line from rank 0 and exit code
+    130: the same command resumes. The heartbeats stop last."""
     @functools.wraps(main)
     def run(argv=None) -> int:
         PROCESS.rank, PROCESS.peers, PROCESS.started = int(os.environ.get("RANK", "0")), None, False
         try:
             return main(argv) or 0
-        except UsageError as e:
+        except KeyboardInterrupt:
+            if PROCESS.rank == 0:
+                shards.say("error: interrupted (Ctrl-C); rerun the same command to resume from the last checkpoint "
+                           "(nothing is lost but the steps since)")
+            return shards.INTERRUPTED
+        except (UsageError, OSError) as e:
+            error = e if isinstance(e, UsageError) else shards.machine_error(e)
+            if error is None:
+                raise
             if not getattr(e, "quiet", False) and (PROCESS.started or PROCESS.rank == 0):
-                print(f"error: {e}", file=sys.stderr, flush=True)
+                shards.say(f"error: {error}")
             return 2
         except RuntimeError:  # a collective that failed (torch.distributed's errors are RuntimeErrors)
             peers = PROCESS.peers
@@ -1598,7 +1811,7 @@ def start(exp: Experiment, args, non_population: set) -> Run:
     except UsageError as e:
         error = e
     except OSError as e:  # a read-only --runs-dir, a full disk
-        error = UsageError(f"cannot write {e.filename} ({e.strerror}); choose another --runs-dir")
+        error = UsageError(f"cannot write {e.filename or args.runs_dir} ({e.strerror}); choose another --runs-dir")
     _refused(world, error)
     PROCESS.started = True
     if rank > 0 and layout.group_rank == 0:
@@ -1654,7 +1867,7 @@ def finish(run: Run) -> int:
     if run.layout.rank == 0:
         records = list_snapshots(run.run_dir)
         manifest = {**load_run(run.run_dir), "snapshots": records}
-        atomic_write_text(run.run_dir / "manifest.json", json.dumps(manifest, indent=1))
+        atomic_write_text(run.run_dir / "manifest.json", sealed_json(manifest))
         pop = PopulationTracker(run.run_dir).update()
         run.log.line(f"done: {population_line(pop)} | next: python fit_prior.py {run.run_dir} && "
                      f"python eval.py {run.run_dir} --prior {run.run_dir}/prior.json")

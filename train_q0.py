@@ -247,6 +247,7 @@ class Recipe:
 CPU_RECIPE = Recipe(one_base=32, first_max=8, cycle_max=1)
 RECIPES = {"slowrun": Recipe(one_base=128, first_max=16, cycle_max=2), "cpu": CPU_RECIPE, "tiny": CPU_RECIPE}
 RECIPE_LAYOUT_FLAGS = ("bases", "cycles", "cycle_epochs", "first_cycle_epochs")
+MAX_SNAPSHOTS = 100_000  # bases x cycles: the record has 480; more is a typo (or --epochs 1e308), refused up front
 
 
 # A student of an ensemble (--distil-from) weighs the teacher more than chain distillation does:
@@ -300,9 +301,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.snapshot_noise = [0.0, 0.0]  # a student's snapshots are its own checkpoints, not a population
     if args.distil_from and "distil_alpha" not in typed:
         args.distil_alpha = DISTIL_ALPHA
+    if args.bases * args.cycles > MAX_SNAPSHOTS:  # plan_cycles would build them all before a word is said
+        n = lambda x: f"{x:,}" if x < 10 ** 12 else f"{float(x):.1e}"  # noqa: E731 - a count of 300 digits is no help
+        said = f"--epochs {args.epochs:g} makes {n(args.bases)} bases x {n(args.cycles)} cycles" if args.epochs \
+            else f"--bases {n(args.bases)} x --cycles {n(args.cycles)}"
+        raise UsageError(f"{said} = {n(args.bases * args.cycles)} snapshots; a population holds at most "
+                         f"{MAX_SNAPSHOTS:,}: give a smaller budget")
     if not args.run_name:
         kind = "distil-" if args.distil_from else ""
         args.run_name = f"{args.preset}-{kind}{args.bases}x{args.cycles}-seed{args.seed}"
+    if args.run_name in (".", "..") or any(c in args.run_name for c in "/\\\0") or args.run_name.startswith("."):
+        raise UsageError(f"--run-name {args.run_name!r}: give a plain folder name (no '/', not starting with '.'); "
+                         f"the run goes under --runs-dir")
     return args
 
 
@@ -491,6 +501,9 @@ class GPTConfig:
         if self.d_model < VALUE_GATE_CHANNELS:
             raise UsageError(f"--d-model {self.d_model}: the value-embedding gate reads {VALUE_GATE_CHANNELS} "
                              f"channels; use a width of at least {VALUE_GATE_CHANNELS}")
+        if self.loop_end < self.loop_start:
+            raise UsageError(f"--loop-layers {self.loop_start} {self.loop_end}: the loop's END comes before its "
+                             f"START; give START END with END > START (or END = START for no loop)")
         if self.loop_end > self.loop_start and not (
                 self.encoder_layers <= self.loop_start < self.loop_end <= self.n_layer):
             raise UsageError(f"--loop-layers {self.loop_start} {self.loop_end}: the looped block must lie in the "
@@ -937,7 +950,11 @@ def plan_cycles(args, train_tokens: int) -> list[Cycle]:
         epochs = args.first_cycle_epochs if c == 1 else args.cycle_epochs
         middle = args.cycles >= 4 and args.cycles / 4 <= c - 1 < 3 * args.cycles / 4
         batch = args.batch_seqs if middle or args.cycles < 4 else max(1, round(args.batch_seqs * args.batch_schedule))
-        steps = round(epochs * train_tokens / (batch * args.seq_len))
+        exact = epochs * train_tokens / (batch * args.seq_len)
+        if not math.isfinite(exact):
+            raise UsageError(f"cycle {c} ({epochs:g} epochs of {train_tokens} tokens) has more steps than a number "
+                             f"holds; give a shorter cycle")
+        steps = round(exact)
         if steps < 1:
             raise UsageError(f"cycle {c} ({epochs} epochs of {train_tokens} tokens) is shorter than one step of "
                              f"{batch} x {args.seq_len} tokens; lengthen the cycle or shrink --batch-seqs")
@@ -1078,7 +1095,11 @@ class EnsembleTeacher:
         W, K, B = self.size, len(self.members), idx.size(0)
         rows = torch.cat(q0_run.all_gather(idx, self.group))                            # (W*B, T)
         # one dtype on every rank (the heads'), and zeros where a rank has fewer bodies than ceil(K/W)
-        mine = [m.features(rows).to(m.head_weight.dtype) for m in self.members[self.rank::W]]  # (W*B, T, D)
+        # each body runs every rank's rows as that rank's micro-batch of B, the shapes a one-process
+        # teacher runs: where a kernel's rounding depends on the batch (a BLAS's blocking), the
+        # spread teacher still gives the one-process teacher's bits
+        mine = [torch.cat([m.features(r) for r in rows.split(B)]).to(m.head_weight.dtype)
+                for m in self.members[self.rank::W]]                                     # (W*B, T, D)
         head = self.members[0].head_weight
         blank = head.new_zeros(rows.size(0), rows.size(1), head.size(1))
         f = torch.stack(mine + [blank] * (-(-K // W) - len(mine)), dim=2)      # (W*B, T, slots, D)
@@ -1338,7 +1359,8 @@ class BaseTrainer:
             if best["run"]["model"] != dataclasses.asdict(cfg):
                 raise UsageError(f"--distil-init best: member {best['record']['id']} of {best['run_dir']} has another "
                                  f"architecture than the student; give the members' model flags or --distil-init scratch")
-            self.model.load_state_dict(q0_run.load_weights(best["run_dir"] / best["record"]["weights"]))
+            _, path = q0_run.snapshot_weights(best["run_dir"], best["record"])  # checked against its SHA-256
+            self.model.load_state_dict(q0_run.load_weights(path))
         self.stepper = Stepper(args, self.model, self.layout, device, self.compiled)
         self.optimizer = self.stepper.optimizer
         self.ensemble = self.load_ensemble(run.distil) if run.distil else None
@@ -1391,9 +1413,9 @@ class BaseTrainer:
 
     def load_teacher(self, cycle: int):
         """The previous snapshot of this base, exactly as saved (before any noise)."""
-        record = q0_run.read_json(self.run_dir / "snapshots" / f"{q0_run.snapshot_id(self.base, cycle)}.json",
-                                  "rerun the same command to repair it")
-        state = q0_run.load_weights(self.run_dir / record["weights"])
+        record = q0_run.read_record(self.run_dir, q0_run.snapshot_id(self.base, cycle))
+        _, path = q0_run.snapshot_weights(self.run_dir, record)  # checked against its record's SHA-256
+        state = q0_run.load_weights(path)
         self.set_teacher(model_from_state(self.cfg, state, self.device, q0_run.held_dtype(self.device.type)))
 
     # --- the most expensive step, first -------------------------------------------------------

@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as `python data/fineweb.py`: make `data` im
     sys.path.insert(0, str(REPO_ROOT))
 from data.shards import (CHOICE, MANIFEST, MODDED_MAGIC, MODDED_VERSION, PATH, TEXT,  # noqa: E402
                          ArgumentParser, DataError, at_least, atomic_write_bytes, command, parse_checked,
-                         sha256_file, write_shard)
+                         path_arg, sha256_file, write_shard)
 from data.text import os_error  # noqa: E402
 from data.tokenizers import get_tokenizer  # noqa: E402
 
@@ -232,7 +232,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--train-tokens", type=int, default=100_000_000)
     parser.add_argument("--revision", help="hub commit to read (default: the pinned one for --source)")
     parser.add_argument("--local-dir", type=Path, help="read a local folder laid out like the hub repository")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
+    parser.add_argument("--out", type=path_arg, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokeniser processes")
     return parser
 

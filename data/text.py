@@ -6,7 +6,8 @@
 
 SOURCE is a file or a folder (searched recursively, hidden entries skipped, in sorted order of
 the path). A .txt or .md file is one document; in a .jsonl file every line is one JSON record
-and its --field is one document. Documents keep this order in the shards; empty ones are skipped.
+and its --field (a nested one with dots: meta.text) is one document. Documents keep this order in
+the shards; empty or blank ones are skipped, and a leading UTF-8 byte-order mark is not text.
 
 The validation split is whole documents, never trained on: --val-files (those files), --val-docs
 N, or --val-fraction F (default 0.1) of the documents. Documents are chosen by the SHA-256 of
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -38,7 +40,7 @@ if __package__ in (None, ""):  # run as `python data/text.py`: make `data` impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.shards import (CHOICE, PATH, TEXT, ArgumentParser, DataError, Range, UsageError,  # noqa: E402
                          at_least, check_or_write_manifest, command, parse_checked, recorded_manifest,
-                         refuse_other_build, verify_files, write_shard)
+                         machine_error, path_arg, refuse_other_build, verify_files, write_shard)
 from data.tokenizers import get_tokenizer  # noqa: E402
 
 SUFFIXES = (".txt", ".md", ".jsonl")
@@ -96,7 +98,7 @@ def decode(raw: bytes, name: str, nul_is_bos: bool) -> str:
     if nul_is_bos and "\0" in text:
         raise DataError(f"{name}: a NUL byte at byte offset {raw.index(bytes(1))}, which the bytes tokenizer "
                         "reserves for BOS; remove it, or use --tokenizer gpt2")
-    return text
+    return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors write one) is not text
 
 
 def read_documents(source: Source, field: str, nul_is_bos: bool) -> tuple[list[Document], str, int]:
@@ -116,14 +118,44 @@ def read_documents(source: Source, field: str, nul_is_bos: bool) -> tuple[list[D
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not JSON ({e.msg}); one JSON record per line") from None
-        value = record.get(field) if isinstance(record, dict) else None
+        value = field_value(record, field)
         if not isinstance(value, str):
-            raise DataError(f"{where}: no text field {field!r} in this record; name the field with --field")
+            raise DataError(f"{where}: no text field {field!r} in this record ({record_fields(record)}); name the "
+                            f"field with --field, a nested one with dots (--field meta.text)")
         if nul_is_bos and "\0" in value:
             raise DataError(f"{where}: a NUL character in the text, which the bytes tokenizer reserves for BOS; "
                             "remove it, or use --tokenizer gpt2")
         docs.append(Document(where, value))
     return docs, hashlib.sha256(raw).hexdigest(), len(raw)
+
+
+def field_value(record, field: str):
+    """record[field]; for a name with dots that no key has whole (meta.text), the nested field."""
+    if not isinstance(record, dict):
+        return None
+    if field in record:
+        return record[field]
+    value = record
+    for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def record_fields(record, prefix: str = "") -> str:
+    """The text fields a record has, nested ones with dots, for the message that names none."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            elif isinstance(v, str):
+                yield prefix + k
+    names = list(walk(record, prefix))
+    return "its text fields: " + (", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "none")
 
 
 # --- the validation split ----------------------------------------------------------------------
@@ -188,12 +220,13 @@ def build(sources: list[Source], *, tokenizer_name: str, out: Path, val: dict, c
     docs, listed, empty = [], [], 0
     for source in sources:
         found, digest, size = read_documents(source, field, nul_is_bos=tokenizer.name == "bytes")
-        kept = [d for d in found if d.text]
+        kept = [d for d in found if d.text.strip()]  # blank lines alone are no document
         empty += len(found) - len(kept)
         docs += kept
         listed.append(dict(name=source.name, bytes=size, sha256=digest, docs=len(kept)))
     if not docs:
-        raise DataError(f"no text in {len(sources)} source file(s) (every document is empty)")
+        raise DataError(f"no text in {len(sources)} source file(s) (every document is empty or blank); point at "
+                        f"files that hold text")
     chosen = choose_val(docs, val)
     val_digests = {docs[i].digest for i in chosen}
     train = [d for i, d in enumerate(docs) if i not in chosen and d.digest not in val_digests]
@@ -236,8 +269,9 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=".txt/.md/.jsonl files or folders of them")
     p.add_argument("--tokenizer", choices=("bytes", "gpt2"), required=True)
-    p.add_argument("--out", type=Path, required=True, help="output folder (a new one, or an earlier build's)")
-    p.add_argument("--field", default="text", help="the text field of .jsonl records (default: %(default)s)")
+    p.add_argument("--out", type=path_arg, required=True, help="output folder (a new one, or an earlier build's)")
+    p.add_argument("--field", default="text",
+                   help="the text field of .jsonl records, a nested one with dots: meta.text (default: %(default)s)")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val-docs", type=int, help="this many validation documents")
     val.add_argument("--val-files", nargs="+", metavar="FILE", help="these source files are the validation set")
@@ -264,6 +298,8 @@ def canonical_command(args) -> str:
 def os_error(e: OSError) -> UsageError:
     """What the file system refused (an unreadable source, say) as one line, for every data command.
     A full or read-only disk under a file being written is a DiskError already (atomic_write)."""
+    if e.filename is None or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # a write: a full disk
+        return machine_error(e) or UsageError(f"{e.strerror or e}; check the paths and their permissions")
     return UsageError(f"{e.strerror or e}: {e.filename}; check the path and its permissions")
 
 

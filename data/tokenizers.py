@@ -116,12 +116,18 @@ def load_gpt2_ranks(cache_dir: Path | None = None, sources=RANK_SOURCES) -> byte
             failures.append(f"{description}: {type(error).__name__}: {error}")
             continue
         if _verified(data):
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
             # Not shards.atomic_write: its one fixed temporary name assumes one writer, and this
             # cache is shared by every process on the machine that loads the ranks at once.
             tmp = cache_file.with_name(f".{cache_file.name}.tmp{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, cache_file)
+            try:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(data)
+                os.replace(tmp, cache_file)
+            except OSError:  # a full or read-only cache: the verified ranks serve uncached
+                pass
+            finally:
+                if os.path.lexists(tmp):  # (unlink of a missing name fails on a read-only disk)
+                    tmp.unlink()
             return data
         failures.append(f"{description}: {'unavailable' if data is None else 'SHA-256 mismatch'}")
     raise TokenizerUnavailable(f"cannot load the GPT-2 BPE ranks ({'; '.join(failures)}); place the file with "

@@ -100,7 +100,7 @@ def run_train(data_dir: Path, runs_dir: Path, *flags: str, launcher=(sys.executa
         result = run_command(script, *argv)
     else:
         result = subprocess.run([*launcher, str(REPO / script), *argv], capture_output=True, text=True, cwd=REPO,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # pinned threads
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

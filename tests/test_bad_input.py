@@ -170,7 +170,7 @@ def test_pickles_in_place_of_weights_and_caches_are_refused_without_the_unsafe_h
     np.save(run / "snapshots" / "b0c1.fitness.npy", np.array([Payload()], dtype=object), allow_pickle=True)
     record = json.loads((run / "snapshots" / "b0c1.json").read_text())
     record["fitness_probs_sha256"] = shards.sha256_file(run / "snapshots" / "b0c1.fitness.npy")
-    (run / "snapshots" / "b0c1.json").write_text(json.dumps(record))
+    (run / "snapshots" / "b0c1.json").write_text(q0_run.sealed_json(record))  # a whole record that names it
     assert call(fit_prior, [run]) == 2
     assert "allow_pickle" not in one_line(capsys, "b0c1.fitness.npy")
     torch.save({"x": Payload()}, run / "checkpoints" / "base0.pt")  # the rerun resumes from it
@@ -225,3 +225,192 @@ def test_parse_errors_raise_usage_errors_and_mains_return_2(tmp_path, capsys):
     assert import_slowrun.main([tmp_path / "ckpt", "--import-slowrun", tmp_path]) == 2  # the retired flag
     one_line(capsys, "--import-slowrun")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- every write error one line, Ctrl-C one line, the last bad inputs (issue, part 2) ---------------
+
+def no_temporaries(root) -> list:
+    from pathlib import Path
+    return [str(p) for p in Path(root).rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("case", ["full", "no permission"])
+def test_a_write_error_inside_torch_save_is_one_line_and_the_rerun_resumes(case, small_data, tmp_path, monkeypatch):
+    """torch.save fails without an errno ("unexpected pos", "cannot be opened"): one line, exit code
+    2, no temporary file; the same command then resumes (it was a 48-line traceback, exit code 1)."""
+    import builtins
+    import errno
+    import os
+    import torch
+    real_save, real_open, real_os_open = torch.save, builtins.open, os.open
+
+    def failing_save(obj, f, *args, **kwargs):
+        if str(f).endswith(".b0c1.pt.tmp"):
+            if case == "full":
+                with real_open(f, "wb") as part:  # a part of the file, then the disk is full
+                    part.write(b"PK" * 300)
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            raise RuntimeError(f"File {f} cannot be opened.")
+        return real_save(obj, f, *args, **kwargs)
+
+    def refusing_open(file, *args, **kwargs):  # the folder refuses this process (EACCES)
+        if str(file).endswith(".b0c1.pt.tmp") and case == "no permission":
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_os_open(file, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(os, "open", refusing_open)
+    result = run_train(small_data, tmp_path, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    expected = ("cannot write .*b0c1\\.pt \\(unexpected pos 704 vs 598\\); check that .*snapshots is writable and "
+                "has space, then rerun the same command" if case == "full" else
+                "cannot write .*b0c1\\.pt: Permission denied; make .*snapshots writable")
+    assert re.match("error: " + expected, lines[0]), lines[0]
+    assert not no_temporaries(tmp_path)
+    monkeypatch.undo()
+    resumed = run_train(small_data, tmp_path)
+    assert "resum" in resumed.stdout and not no_temporaries(tmp_path)
+
+
+@pytest.mark.parametrize("name, code", [("log.txt", "ENOSPC"), ("metrics.jsonl", "EACCES")])
+def test_a_log_that_cannot_be_written_is_one_line(name, code, small_data, tmp_path, monkeypatch):
+    """log.txt and metrics.jsonl are appended to outside atomic_write: a full disk or a refused
+    permission there is one line naming the file (it was a 53-line traceback, exit code 1)."""
+    import builtins
+    import errno
+    real_open, opened = builtins.open, [0]
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        if str(file).endswith(name) and "a" in mode:
+            opened[0] += 1
+            if opened[0] > 5:
+                if code == "ENOSPC":  # the write fails, on a file already open: no file name
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(q0_run, "open", failing_open, raising=False)
+    result = run_train(small_data, tmp_path, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert re.match(rf"error: (no space left for|cannot write) .*{re.escape(name)}(: it needs more space|: Permission)",
+                    lines[0]), lines[0]
+    assert lines[0].endswith("then rerun the same command")
+
+
+def test_ctrl_c_is_one_line_saying_the_same_command_resumes(small_data, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of training: one line that says the same command resumes, exit code 130
+    (it was a 25-line KeyboardInterrupt traceback); the same command then finishes the run."""
+    steps, real_step = [0], train_q0.BaseTrainer.train_step
+
+    def interrupted_step(self, *args, **kwargs):
+        steps[0] += 1
+        if steps[0] == 20:  # in the second cycle, after the first snapshot and checkpoint
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(train_q0.BaseTrainer, "train_step", interrupted_step)
+    try:
+        result = run_train(small_data, tmp_path, check=False)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 130 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: interrupted (Ctrl-C); rerun the same command to resume"), lines[0]
+    assert not no_temporaries(tmp_path)
+    monkeypatch.undo()
+    resumed = run_train(small_data, tmp_path)
+    assert "[b0] resumed at step 16" in resumed.stdout, resumed.stdout
+
+
+def test_the_disk_check_says_small_amounts_in_mib(tmp_path, monkeypatch):
+    import types
+    monkeypatch.setattr(q0_run.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=10 * 2 ** 20))
+    plan = {"disk_gib": 0.05, "snapshots": 3, "snapshot_gib": 0.01}
+    with pytest.raises(shards.UsageError) as caught:
+        q0_run.check_disk(plan, tmp_path / "runs" / "new")
+    said = str(caught.value)  # it said "needs 0.1 GiB more ... (0.01 GiB each) ... 0.0 GiB free"
+    assert "needs 51.2 MiB more for 3 snapshots (10.2 MiB each)" in said and "10.0 MiB free" in said, said
+    assert "0.0 GiB" not in said
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "1e308"], ["--cycles", "100000000"],
+                                   ["--bases", "100000", "--cycles", "2"]])
+def test_a_budget_of_more_snapshots_than_a_population_holds_is_refused_up_front(flags, small_data, tmp_path):
+    """--epochs 1e308 built ~1e305 cycles in memory with no output (it hung); now one line."""
+    with pytest.raises(shards.UsageError, match="snapshots; a population holds at most 100,000"):
+        train_q0.parse_args(["--preset", "tiny", *flags])
+    result = run_train(small_data, tmp_path, *flags, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and list(tmp_path.iterdir()) == []
+
+
+def test_a_cycle_longer_than_a_number_holds_is_refused(small_data, tmp_path):
+    result = run_train(small_data, tmp_path, "--cycle-epochs", "1e308", check=False)  # an OverflowError before
+    assert result.returncode == 2 and result.stderr.startswith("error: cycle 2 (1e+308 epochs"), result.stderr
+
+
+def test_a_loop_whose_end_comes_before_its_start_is_refused():
+    """--loop-layers 3 1 trained a model without a loop, silently."""
+    with pytest.raises(shards.UsageError, match=r"--loop-layers 3 1: the loop's END comes before its START"):
+        train_q0.parse_args(["--preset", "tiny", "--loop-layers", "3", "1"])
+    train_q0.parse_args(["--preset", "tiny", "--loop-layers", "2", "2"])  # END = START: no loop, as documented
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden"])
+def test_a_run_name_stays_under_the_runs_folder(name, small_data, tmp_path):
+    """--run-name ../x wrote the run beside --runs-dir."""
+    runs = tmp_path / "runs"
+    result = run_train(small_data, runs, "--run-name", name, check=False)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: --run-name {name!r}: give a plain folder")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_same_run_named_twice_is_refused(finished_run, capsys):
+    """fit_prior.py RUN RUN fitted every snapshot twice (and eval.py counted them twice)."""
+    for module in (fit_prior, eval_cli):
+        assert call(module, [finished_run, str(finished_run) + "/", "--out", finished_run.parent / "x.json"]) == 2
+        one_line(capsys, "is named twice among the runs", "give each run once")
+    assert not (finished_run.parent / "x.json").exists()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch):
+    """data/shakespeare.py --out '' (an unset shell variable) wrote into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    for module, args in ((shakespeare, []), (text, [tmp_path, "--tokenizer", "bytes"])):
+        assert call(module, [*args, "--out", ""]) == 2
+        assert one_line(capsys) == "error: argument --out: an empty path; give a folder (. for the current one)"
+        assert list(tmp_path.iterdir()) == [], module
+
+
+def test_a_damaged_run_json_names_a_fix_other_than_the_failing_command(finished_run, tmp_path, capsys):
+    """It said "rerun the training command that made it": the command that had just failed."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "run.json").write_text((finished_run / "run.json").read_text()[:100])
+    assert call(fit_prior, [run, "--out", tmp_path / "p.json"]) == 2
+    line = one_line(capsys, "run.json", f"move {run} away and train the run again")
+    assert "rerun the training command" not in line
+
+
+def test_a_shard_given_as_the_data_folder_names_its_folder(small_data, tmp_path):
+    """--data-dir DATA/train.q0t said to rebuild the data, which was intact."""
+    result = run_train(small_data / "train.q0t", tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: --data-dir {small_data / 'train.q0t'} is a file; give the folder that holds the shards: "
+        f"--data-dir {small_data}")
+
+
+def test_a_failed_import_leaves_no_run_that_blocks_the_corrected_command(small_data, tmp_path):
+    """tools/import_slowrun.py that fails (no checkpoints there; weights of another model) left a
+    run folder whose population refused the corrected command."""
+    import torch
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    runs = tmp_path / "runs"
+    result = run_train(small_data, runs, "--cycles", "1", script="tools/import_slowrun.py", before=(ckpt,),
+                       check=False)
+    assert result.returncode == 2 and "holds no model_{i}.pt" in result.stderr
+    assert not runs.exists() or list(runs.iterdir()) == []
+    torch.save({"transformer.wte.weight": torch.zeros(3, 3)}, ckpt / "model_0.pt")  # not the flags' model
+    result = run_train(small_data, runs, "--cycles", "1", script="tools/import_slowrun.py", before=(ckpt,),
+                       check=False)
+    assert result.returncode != 0 and not (runs / "tiny-1x1-seed0").exists(), result.stderr

@@ -43,6 +43,15 @@ def spec_v2(tokens, vocab, bos, tokenizer, table, command, dtype=np.uint16) -> b
     return header.ljust(256, b"\0") + meta + payload
 
 
+def spec_v3(*args, **kwargs) -> bytes:
+    """A version 3 file from README's table alone: version 2's, version 3 in its field, and at 156 the
+    SHA-256 of the 256-byte header with those 32 bytes zero."""
+    raw = bytearray(spec_v2(*args, **kwargs))
+    raw[8:12] = struct.pack("<I", 3)
+    raw[156:188] = hashlib.sha256(bytes(raw[:256])).digest()
+    return bytes(raw)
+
+
 def write_modded_bin(path: Path, tokens: np.ndarray, magic=20240520, version=1, declared=None):
     header = np.zeros(256, dtype=np.int32)
     header[:3] = magic, version, tokens.size if declared is None else declared
@@ -63,7 +72,7 @@ def test_writer_and_reader_agree_on_every_field(tmp_path):
     path = tmp_path / "train.q0t"
     info = write_shard(path, tokens, **GPT2)
     raw = path.read_bytes()
-    assert raw == spec_v2(tokens, 50257, 50256, "gpt2", GPT2_TABLE, GPT2["command"])  # the writer is README's
+    assert raw == spec_v3(tokens, 50257, 50256, "gpt2", GPT2_TABLE, GPT2["command"])  # the writer is README's
     found = read_tokens(path)
     assert np.array_equal(found.tokens, tokens) and np.array_equal(found.token_bytes, GPT2_TABLE)
     assert (found.format, found.tokenizer, found.vocab_size, found.bos_id, found.command) == \
@@ -81,6 +90,25 @@ def test_reader_reads_a_file_built_from_the_spec(tmp_path):
     assert np.array_equal(found.tokens, tokens) and np.array_equal(found.token_bytes, table)
     assert (found.tokenizer, found.vocab_size, found.bos_id, found.command, found.text_bytes) == \
         ("bytes", 256, 0, "make it ✓", table[tokens].sum())
+
+
+def test_every_byte_of_the_header_is_covered(tmp_path):
+    """A version 3 header is sealed: one bit flipped in any of its 256 bytes (the tokenizer's name,
+    a count, the version itself: 3 read as 2 or 1 meets bytes that must be zero) is refused in one
+    line that names the file and the command that rebuilds it, never read as other data."""
+    tokens, table = documents_stream(bos_id=0, vocab_size=256), np.array([0] + [1] * 255)
+    path = tmp_path / "val.q0t"
+    write_shard(path, tokens, vocab_size=256, bos_id=0, tokenizer="bytes", token_bytes=table,
+                command="python data/text.py corpus --tokenizer bytes --out somewhere")
+    good = path.read_bytes()
+    for at in range(256):
+        for bit in (0, 7):
+            raw = bytearray(good)
+            raw[at] ^= 1 << bit
+            path.write_bytes(bytes(raw))
+            assert_one_line_error(path, "")
+    path.write_bytes(good)
+    assert read_tokens(path).tokenizer == "bytes"
 
 
 def test_version_1_shards_still_read(tmp_path):
@@ -180,7 +208,7 @@ def test_unreadable_header_names_the_manifest_command(shard, tmp_path):
 
 def test_wrong_version(shard):
     raw = bytearray(shard.read_bytes())
-    raw[8:12] = struct.pack("<I", 3)
+    raw[8:12] = struct.pack("<I", 4)
     shard.write_bytes(bytes(raw))
     assert_one_line_error(shard, "version")
 

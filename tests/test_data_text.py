@@ -186,3 +186,97 @@ def test_own_text_trains_with_the_two_readme_commands(tmp_path):
     run = json.loads((tmp_path / "runs" / "tiny-1x2-seed0" / "run.json").read_text())
     val = read_tokens(tmp_path / "data" / "val.q0t")
     assert run["val"]["text_bytes"] == val.text_bytes  # bits per byte over the whole validation text
+
+
+# --- a full disk, byte-order marks, blank files, nested fields (issue, part 2) ---------------------
+
+def two_documents(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "a.txt").write_text("first document\n" * 20)
+    (folder / "b.txt").write_text("second document\n" * 20)
+    return folder
+
+
+def test_a_full_disk_is_one_line_that_says_what_to_do_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+    """ENOSPC raised where no file is named (a write to an open file) said "No space left on device:
+    None; check the path and its permissions"; a report printed to a full disk was a traceback."""
+    import errno
+    src = two_documents(tmp_path / "src")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(text, "tokenize", full)
+        assert main(src, "--tokenizer", "bytes", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "None" not in err, err
+    assert "No space left on device; free some space (or write elsewhere), then rerun the same command" in err
+
+    class FullDisk:  # stdout redirected to a file on the full disk
+        def write(self, s):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+    with monkeypatch.context() as m:
+        m.setattr(sys, "stdout", FullDisk())
+        assert main(src, "--tokenizer", "bytes", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "No space left on device" in err, err
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]  # no temporary outlives the command
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path, capsys):
+    """A UTF-8 BOM stayed in every document as 3 tokens (bytes: EF BB BF)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.txt").write_bytes(b"\xef\xbb\xbf" + f"document {i}: some text\n".encode())
+    (src / "z.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "a record"}).encode() + b"\n")
+    assert main(src, "--tokenizer", "bytes", "--out", tmp_path / "out", "--val-docs", "1") == 0
+    for split in ("train", "val"):
+        tf = read_tokens(tmp_path / "out" / f"{split}.q0t")
+        for doc in documents(tf.tokens, tf.bos_id):
+            assert not bytes(doc.astype(np.uint8)).startswith(b"\xef\xbb\xbf")
+            assert bytes(doc.astype(np.uint8)).startswith((b"document", b"a record"))
+
+
+def test_a_folder_of_blank_files_is_refused(tmp_path, capsys):
+    """Newline-only files became a 9-token training set without a word."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"{i}.txt").write_text("\n" * (i + 1))
+    assert main(src, "--tokenizer", "bytes", "--out", tmp_path / "out") == 2
+    one_line_error(capsys, "no text in 5 source file(s) (every document is empty or blank)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nested_jsonl_field_is_named_with_dots(tmp_path, capsys):
+    """A field inside an object could not be named, and the message did not say so."""
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "meta": {"body": f"message number {i}\n" * 5}}) + "\n"
+                           for i in range(10)))
+    assert main(src, "--tokenizer", "bytes", "--out", tmp_path / "bad") == 2
+    one_line_error(capsys, "no text field 'text'", "its text fields: meta.body", "--field meta.text")
+    assert main(src, "--tokenizer", "bytes", "--out", tmp_path / "out", "--field", "meta.body") == 0
+    tf = read_tokens(tmp_path / "out" / "train.q0t")
+    assert bytes(documents(tf.tokens, tf.bos_id)[0].astype(np.uint8)).startswith(b"message number")
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_finishes(tmp_path, capsys, monkeypatch):
+    """Every command's Ctrl-C is one line and exit code 130 (it was a KeyboardInterrupt traceback)."""
+    src = two_documents(tmp_path / "src")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(text, "tokenize", interrupted)
+        try:
+            code = main(src, "--tokenizer", "bytes", "--out", tmp_path / "out")
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert code == 130
+    assert capsys.readouterr().err.strip() == \
+        "error: interrupted (Ctrl-C); nothing is left half-written: rerun the same command to finish"
+    assert main(src, "--tokenizer", "bytes", "--out", tmp_path / "out") == 0

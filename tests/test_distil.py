@@ -139,7 +139,7 @@ def test_bad_teachers_are_refused_in_one_line(small_data, population, tmp_path):
     assert "another fitness set" in msg
     # another tokenizer
     other = tmp_path / "other.json"
-    other.write_text(json.dumps(prior | {"tokenizer": "gpt2"}))
+    other.write_text(q0_run.sealed_json(prior | {"tokenizer": "gpt2"}))  # a whole prior, of other tokens
     assert "prior of gpt2 tokens" in refused(small_data, tmp_path, "--distil-from", str(other))
     # a member retrained since the prior was fitted (its record's SHA-256 no longer the prior's)
     copy = tmp_path / "pop"
@@ -147,7 +147,7 @@ def test_bad_teachers_are_refused_in_one_line(small_data, population, tmp_path):
     top = prior["budgets"][-1]["members"][0]["id"]
     rec_path = copy / "snapshots" / f"{top}.json"
     rec = json.loads(rec_path.read_text())
-    rec_path.write_text(json.dumps(rec | {"weights_sha256": "0" * 64}))
+    rec_path.write_text(q0_run.sealed_json(rec | {"weights_sha256": "0" * 64}))  # a whole record, retrained
     assert "changed since" in refused(small_data, tmp_path, "--distil-from", str(copy / "prior.json"))
     # not a prior at all, and no file
     assert "not a q0 prior" in refused(small_data, tmp_path, "--distil-from", str(copy / "run.json"))

@@ -227,3 +227,36 @@ def test_scores_in_token_chunks_equal_the_whole(monkeypatch):
     np.testing.assert_allclose(sums, eval_py.nll_sums(W @ whole, keep).numpy(), rtol=1e-12)
     np.testing.assert_allclose(member_sums[:4], eval_py.nll_sums(whole[:4], keep).numpy(), rtol=1e-12)
     assert (member_sums[4] == 0).all()
+
+
+# --- a run still training, a stop after the output, a damaged cache (issue, part 2) -----------------
+
+def test_eval_notes_a_run_still_training(tmp_path):
+    """fit_prior.py said so; eval.py scored the first snapshots of a run still training without a word."""
+    run = make_run(tmp_path, "a", synthetic(2, 50, seed=1), synthetic(2, 40, seed=2))
+    meta = json.loads((run / "run.json").read_text())
+    meta["layout"] = {"bases": 1, "cycles": [{}, {}, {}]}
+    (run / "run.json").write_text(json.dumps(meta))
+    r = cli("eval.py", run)
+    assert r.returncode == 0, r.stderr
+    assert f"note: {run} has 2 of its 3 snapshots (still training?); this evaluation covers those 2: evaluate again " \
+           f"when it finishes" in r.stderr.splitlines()
+
+
+def test_a_rerun_after_a_stop_between_the_results_and_their_temporary_is_done(population):
+    run, _, _ = population
+    assert cli("eval.py", run).returncode == 0
+    before = (run / "eval.json").read_bytes()
+    os.link(run / "eval.json", run / ".eval.json.tmp")  # stopped between os.link and the unlink
+    r = cli("eval.py", run)
+    assert r.returncode == 0 and r.stderr.startswith(f"note: {run / 'eval.json'} is already complete"), r.stderr
+    assert (run / "eval.json").read_bytes() == before and not (run / ".eval.json.tmp").exists()
+
+
+def test_a_cache_cut_short_is_one_line(population, tmp_path):
+    run, _, _ = population
+    cache = run / "snapshots" / "b0c1.val.npy"
+    cache.write_bytes(cache.read_bytes()[:-10])
+    assert_clean_error(cli("eval.py", run, "--out", tmp_path / "e.json"), "b0c1.val.npy",
+                       "changed after it was written")
+    assert not (tmp_path / "e.json").exists()

@@ -7,17 +7,22 @@ its counts: trials, identical, corrupt, hung."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import struct
 import sys
 import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from conftest import REPO, TINY, TORCHRUN_2, write_bytes_shard, documents, shakespeare_paragraphs
+from conftest import (REPO, TINY, TORCHRUN_2, documents, run_command, run_train, shakespeare_paragraphs,
+                      write_bytes_shard)
 
 import q0_run
 from data import shards
@@ -101,7 +106,8 @@ def stop_workers(run_dir: Path):
 
 def digest(runs: Path) -> dict:
     """Every file of the runs folder: bytes for weights, caches and checkpoints, values for the JSON
-    files (run.json's creation time aside), presence for the logs (they carry times)."""
+    files (run.json's creation time aside, and so the seal over it), presence for the logs (they
+    carry times)."""
     out = {}
     for p in sorted(runs.rglob("*")):
         if p.is_dir():
@@ -110,6 +116,7 @@ def digest(runs: Path) -> dict:
         if p.suffix == ".json":
             d = json.loads(p.read_text())
             d.pop("created", None)
+            d.pop(q0_run.SEAL, None)
             out[rel] = d
         elif p.name in ("log.txt", "metrics.jsonl", ".lock"):
             out[rel] = "present"
@@ -339,3 +346,262 @@ def test_real_full_and_read_only_disks(tiny_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
     with pytest.raises(shards.DiskError, match=r"cannot write .*x\.json: Read-only file system"):
         shards.atomic_write_text(tiny_disk / "x.json", "{}")
+
+
+# --- one flipped byte in each file a command reads back: refused in one line, nothing used --------
+# Each case takes a run (interrupted, or finished with its prior; put back after), flips one bit of
+# one byte of a file where a bit flip keeps the file well-formed (a digit of a JSON value, a byte of
+# a tensor's or a cache's data, a header field), runs the command that reads the file back, and
+# requires exit code 2, one `error:` line naming the file, and every file as it was (logs and
+# temporaries aside).
+
+def tensor_byte(path: Path) -> int:
+    """A byte in the middle of the largest tensor's data in a torch.save zip (stored, not deflated)."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = path.read_bytes()
+    name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)  # the local file header
+    return info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+
+
+def npy_byte(path: Path) -> int:
+    """A byte in the middle of a .npy file's data."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+        start = f.tell()
+    return start + (path.stat().st_size - start) // 2
+
+
+def json_digit(key: str, last: bool = False):
+    """The last digit of the first run of digits in the value of `key`, at its first (or last)
+    occurrence: a bit flip turns one digit into another (never a leading 1 into 0), so the file
+    stays JSON."""
+    def where(path: Path) -> int:
+        raw = path.read_bytes()
+        at = (raw.rindex if last else raw.index)(f'"{key}":'.encode()) + len(key) + 3
+        while not chr(raw[at]).isdigit():
+            at += 1
+        while chr(raw[at + 1]).isdigit():
+            at += 1
+        return at
+    return where
+
+
+def tokenizer_byte(path: Path) -> int:
+    return 48  # the shard header's tokenizer name: "bytes" becomes "cytes"
+
+
+def flip(path: Path, at: int):
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 1
+    path.write_bytes(bytes(raw))
+
+
+def files_now(root: Path) -> dict:
+    """Every file under root by content; logs (appended to by any rerun), the lock and killed
+    writers' temporaries (a rerun sweeps them) aside."""
+    return {str(p.relative_to(root)): shards.sha256_file(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in ("log.txt", "metrics.jsonl", ".lock") and not p.name.endswith(".tmp")}
+
+
+@pytest.fixture(scope="module")
+def interrupted(fault_data, tmp_path_factory) -> Path:
+    """data/ and runs/: FLAGS killed at commit 9, base 0 inside its second cycle: b0c1's weights,
+    caches and record and the checkpoint after b0c1 written. The rerun resumes from that checkpoint,
+    distils from b0c1 (the chain teacher) and reads b0c1's validation cache (the population line)."""
+    root = tmp_path_factory.mktemp("interrupted")
+    shutil.copytree(fault_data, root / "data")
+    code, out = launch("1 process", root / "data", root / "runs", {"Q0_FAULT": "kill:9"})
+    assert code == -signal.SIGKILL, out
+    snaps = root / "runs" / RUN / "snapshots"
+    assert (snaps / "b0c1.json").is_file() and not (snaps / "b0c2.json").exists()
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished(fault_data, tmp_path_factory) -> Path:
+    """data/ and runs/: FLAGS run to the end (2 bases x 3 cycles), its prior.json fitted."""
+    root = tmp_path_factory.mktemp("finished")
+    shutil.copytree(fault_data, root / "data")
+    run_train(root / "data", root / "runs", *FLAGS)
+    assert run_command("fit_prior.py", root / "runs" / RUN).returncode == 0
+    return root
+
+
+def best_member(root: Path) -> str:
+    """The prior member --distil-init best starts the student from (the lowest fitness loss)."""
+    prior = json.loads((root / "runs" / RUN / "prior.json").read_text())
+    members = {m["id"] for m in prior["budgets"][-1]["members"]}
+    records = [json.loads(p.read_text()) for p in (root / "runs" / RUN / "snapshots").glob("b*c*.json")]
+    return min((r for r in records if r["id"] in members), key=lambda r: r["fitness_loss"])["id"]
+
+
+def command_for(what: str, root: Path) -> subprocess.CompletedProcess:
+    run, out = root / "runs" / RUN, root / "out"
+    if what == "train":  # the same command rerun: it resumes
+        return run_train(root / "data", root / "runs", *FLAGS, check=False)
+    if what == "fit_prior":
+        return run_command("fit_prior.py", run, "--out", out / "prior.json")
+    if what == "eval":
+        return run_command("eval.py", run, "--prior", run / "prior.json", "--out", out / "eval.json")
+    if what == "eval --forward":
+        return run_command("eval.py", run, "--forward", "--parts", "members", "--out", out / "eval.json")
+    if what == "student":  # an ensemble student started from the prior's best member
+        return run_train(root / "data", root / "runs", "--distil-from", run / "prior.json", "--distil-init", "best",
+                         "--epochs", "1", "--run-name", "student", check=False)
+    raise ValueError(what)
+
+
+# kind: (state, files (the same byte flipped in each), where, the command that reads them back)
+FLIPS = {
+    "checkpoint": ("interrupted", [f"runs/{RUN}/checkpoints/base0.pt"], tensor_byte, "train"),
+    "teacher snapshot": ("interrupted", [f"runs/{RUN}/snapshots/b0c1.pt"], tensor_byte, "train"),
+    "record": ("interrupted", [f"runs/{RUN}/snapshots/b0c1.json"], json_digit("val_loss"), "train"),
+    "run.json": ("interrupted", [f"runs/{RUN}/run.json"], json_digit("epoch_budget"), "train"),
+    "cache": ("interrupted", [f"runs/{RUN}/snapshots/b0c1.val.npy"], npy_byte, "train"),
+    "shard": ("interrupted", ["data/train.q0t", "data/val.q0t"], tokenizer_byte, "train"),
+    "snapshot": ("finished", [f"runs/{RUN}/snapshots/b1c2.pt"], tensor_byte, "eval --forward"),
+    "record, eval": ("finished", [f"runs/{RUN}/snapshots/b1c2.json"], json_digit("base_epochs"), "eval"),
+    "run.json, fit_prior": ("finished", [f"runs/{RUN}/run.json"], json_digit("fitness"), "fit_prior"),
+    "cache, fit_prior": ("finished", [f"runs/{RUN}/snapshots/b0c1.fitness.npy"], npy_byte, "fit_prior"),
+    "prior.json": ("finished", [f"runs/{RUN}/prior.json"], json_digit("weights_refitted", last=True), "eval"),
+    "student's init snapshot": ("finished", ["BEST"], tensor_byte, "student"),
+}
+
+
+@pytest.fixture
+def pristine(request, tmp_path):
+    """The state a case names, given to it in place (a run's flags hold its --data-dir: a copy
+    elsewhere is another population), and put back as it was after the case."""
+    def take(state: str) -> Path:
+        root = request.getfixturevalue(state)
+        shutil.copytree(root, tmp_path / "pristine", symlinks=True)
+        taken.append(root)
+        return root
+    taken = []
+    yield take
+    for root in taken:
+        shutil.rmtree(root)
+        shutil.move(tmp_path / "pristine", root)
+
+
+@pytest.mark.parametrize("kind", list(FLIPS))
+def test_a_flipped_byte_is_refused_in_one_line(kind, pristine):
+    state, names, where, what = FLIPS[kind]
+    root = pristine(state)
+    if names == ["BEST"]:
+        names = [f"runs/{RUN}/snapshots/{best_member(root)}.pt"]
+    for name in names:
+        flip(root / name, where(root / name))
+    before = files_now(root)
+    result = command_for(what, root)
+    assert result.returncode == 2, f"{kind}: accepted (exit {result.returncode})\n{result.stderr[-2000:]}"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert Path(names[0]).name in errors[0], errors[0]
+    print(f"{kind} | {what} | {errors[0]}")
+    after = files_now(root)
+    if what == "student":  # refused as it loads its first member: its new run folder is all it wrote
+        after = {k: v for k, v in after.items() if not k.startswith("runs/student/")}
+    assert after == before, f"{kind}: files changed by the refused command"
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", pytest.param("record", marks=pytest.mark.slow)])
+def test_the_repair_the_error_names_completes_the_run_bitwise(kind, pristine, reference):
+    """The refusal's own words, followed: what it says to move away is moved, the same command is
+    rerun, and the run ends bitwise identical to the uninterrupted one (the base trains again)."""
+    _, names, where, _ = FLIPS[kind]
+    root = pristine("interrupted")
+    flip(root / names[0], where(root / names[0]))
+    code, out = launch("1 process", root / "data", root / "runs")  # a process of its own: it ends, its lock goes
+    assert code == 2, out
+    error = next(line for line in out.splitlines() if line.startswith("error:"))
+    said = re.search(r"move (\S+) and (\S+) away|(move it) away", error)
+    assert said, error
+    moved = root / "moved"
+    moved.mkdir()
+    for pattern in filter(None, said.groups()):
+        for p in [root / names[0]] if pattern == "move it" else Path("/").glob(pattern.lstrip("/")):
+            shutil.move(p, moved / p.name)
+    code, out = launch("1 process", root / "data", root / "runs")
+    assert code == 0, out
+    got, manifest = digest(root / "runs"), f"{RUN}/manifest.json"
+    assert got[manifest]["snapshots"] == reference[manifest]["snapshots"]
+    same = set(reference) - {f"{RUN}/run.json", manifest}  # those two hold this copy's --data-dir
+    assert got.keys() == reference.keys() and {k: got[k] for k in same} == {k: reference[k] for k in same}
+
+
+def test_runs_before_seals_resume_and_sealed_files_need_theirs(pristine, tmp_path):
+    """A run of format 3 refuses a checkpoint or a record without its seal (one flip in the key's
+    name must not turn a file into one from before seals). A run of format 2 (no seals anywhere:
+    runs trained before them) resumes to the end, and fit_prior.py reads it."""
+    import torch
+    root = pristine("interrupted")
+    run = root / "runs" / RUN
+    ckpt, record = run / "checkpoints" / "base0.pt", run / "snapshots" / "b0c1.json"
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != q0_run.SEAL}, ckpt)
+    result = command_for("train", root)
+    assert result.returncode == 2 and "base0.pt carries no SHA-256 of its content" in result.stderr, result.stderr
+    text = record.read_text()
+    record.write_text(text.replace('"sha256":', '"sha257":'))
+    result = command_for("train", root)
+    assert result.returncode == 2 and "b0c1.json carries no SHA-256 seal" in result.stderr, result.stderr
+    for p in [run / "run.json", *run.glob("snapshots/*.json")]:
+        d = {k: v for k, v in json.loads(p.read_text()).items() if k not in ("sha256", "sha257")}
+        p.write_text(json.dumps(d | ({"version": 2} if p.name == "run.json" else {}), indent=1))
+    result = command_for("train", root)
+    assert result.returncode == 0, result.stderr
+    assert run_command("fit_prior.py", run, "--out", tmp_path / "prior.json").returncode == 0
+
+
+def test_every_file_a_run_writes_carries_its_hash(finished, tmp_path):
+    """run.json, every record, manifest.json, prior.json and eval.json are sealed (their seal
+    matches); every checkpoint holds the SHA-256 of its own content."""
+    import torch
+    run = finished / "runs" / RUN
+    for p in [run / "run.json", run / "manifest.json", run / "prior.json", *run.glob("snapshots/*.json")]:
+        assert q0_run.check_seal(json.loads(p.read_text()), p, "", sealed=True), p
+    assert run_command("eval.py", run, "--out", tmp_path / "eval.json").returncode == 0
+    assert q0_run.check_seal(json.loads((tmp_path / "eval.json").read_text()), "eval.json", "", sealed=True)
+    for p in run.glob("checkpoints/*.pt"):
+        state = torch.load(p, weights_only=True)
+        assert state.pop("sha256") == q0_run.state_sha256(state), p
+
+
+def test_priors_before_seals_read_and_sealed_ones_need_theirs(finished, tmp_path):
+    prior = json.loads((finished / "runs" / RUN / "prior.json").read_text())
+    unsealed = {k: v for k, v in prior.items() if k != "sha256"}
+    (tmp_path / "v2.json").write_text(json.dumps(unsealed))
+    with pytest.raises(shards.UsageError, match="v2.json carries no SHA-256 seal.*fit_prior.py"):
+        q0_run.read_prior(tmp_path / "v2.json")
+    (tmp_path / "v1.json").write_text(json.dumps(unsealed | {"version": 1}))  # fit_prior.py's format until seals
+    assert q0_run.read_prior(tmp_path / "v1.json")["budgets"] == prior["budgets"]
+
+
+def test_the_checkpoint_hash_is_of_the_content_alone(monkeypatch, tmp_path):
+    """The same content gives the same hash whatever the threads, the chunking, the layout in memory
+    or a trip through torch.save; one flipped bit, a changed number or a tuple for a list changes it."""
+    import torch
+    monkeypatch.setattr(q0_run, "HASH_CHUNK", 4096)  # many chunks, on several threads
+    gen = torch.Generator().manual_seed(0)
+    state = {"base": 0, "step": 3, "model": {"w": torch.randn(300, 100, generator=gen),
+                                             "b": torch.zeros(3, dtype=torch.bfloat16), "s": torch.tensor(0.5)},
+             "optimizer": {"state": {0: {"m": torch.ones(5)}},
+                           "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "params": [0], "name": None}]}}
+    one = q0_run.state_sha256(state, threads=1)
+    assert q0_run.state_sha256(state, threads=4) == one
+    torch.save(state, tmp_path / "s.pt")
+    assert q0_run.state_sha256(torch.load(tmp_path / "s.pt", weights_only=True)) == one
+    t = state["model"]["w"]
+    state["model"]["w"] = t.t().contiguous().t()  # the same values, another memory layout
+    assert q0_run.state_sha256(state) == one
+    state["model"]["w"] = t.clone()
+    state["model"]["w"].view(torch.int32).view(-1)[12345] ^= 1  # one bit of one weight
+    assert q0_run.state_sha256(state) != one
+    state["model"]["w"] = t
+    for change in ({"step": 4}, {"optimizer": {**state["optimizer"], "param_groups": [
+            {**state["optimizer"]["param_groups"][0], "betas": [0.9, 0.95]}]}}):
+        assert q0_run.state_sha256(state | change) != one
+    assert q0_run.state_sha256(state) == one

@@ -49,6 +49,7 @@ def _cuda_gloo_worker(rank: int, port: int, tokens: np.ndarray, out_dir: str):
         parts = [torch.full((2,), 10.0 * rank + j) for j in range(2)]
         result["all_to_all"] = [x.tolist() for x in q0_run.all_to_all(parts)]
         result["ensemble"] = {k: sharded_ensemble(rank, k, sub) for k in (3, 1)}  # 1 member: rank 1 holds no body
+        result["batch_variant"] = sharded_ensemble(rank, 3, sub, BatchVariantTeacher)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -68,10 +69,18 @@ def ensemble_rows(rank: int) -> torch.Tensor:
     return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))  # each rank its own rows
 
 
-def sharded_ensemble(rank: int, k: int, group) -> torch.Tensor:
+class BatchVariantTeacher(q0.SnapshotTeacher):
+    """A body whose rounding depends on the batch it runs, as a BLAS's blocking may on some CPUs (a
+    two-process student once scored 4e-4 off the one-process one there): features carry the batch."""
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        return super().features(idx) + 1e-3 * idx.size(0)
+
+
+def sharded_ensemble(rank: int, k: int, group, body=q0.SnapshotTeacher) -> torch.Tensor:
     """The ensemble teacher's log-probabilities of this rank's rows, member i's body on rank i mod 2."""
     members, w = ensemble_members(k)
-    held = [q0.SnapshotTeacher(m) if i % 2 == rank else q0.MemberHead(m.head.weight, m.cfg)
+    held = [body(m) if i % 2 == rank else q0.MemberHead(m.head.weight, m.cfg)
             for i, m in enumerate(members)]
     teacher = q0.EnsembleTeacher(held, w, group)
     with torch.no_grad():
@@ -111,6 +120,12 @@ def test_collectives_token_probs_and_the_spread_ensemble_in_a_group_that_refuses
             with torch.no_grad():
                 want = teacher.log_probs(teacher.features(ensemble_rows(rank)).flatten(0, 1), 1.3)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        # each body runs each rank's rows in that rank's batch: a batch-dependent kernel agrees too
+        members, w = ensemble_members(3)
+        teacher = q0.EnsembleTeacher([BatchVariantTeacher(m) for m in members], w)
+        with torch.no_grad():
+            want = teacher.log_probs(teacher.features(ensemble_rows(rank)).flatten(0, 1), 1.3)
+        torch.testing.assert_close(r["batch_variant"], want, rtol=0, atol=1e-6)
         sharded, whole = r["muon"]
         assert sharded.keys() == whole.keys()
         for k in whole:  # each matrix is orthogonalised alone, on one rank or the other

@@ -227,7 +227,8 @@ def test_cli_refuses_a_snapshot_record_without_its_files(tmp_path):
     trainer removed an unfinished snapshot could once leave one, and a prior was fitted on it."""
     run = make_run(tmp_path, "a", synthetic(3, 50, seed=1), None)
     (run / "snapshots" / "b0c1.pt").unlink()
-    assert_clean_error(cli("fit_prior.py", run), "b0c1", "is missing snapshots/b0c1.pt", "rerun its training command")
+    assert_clean_error(cli("fit_prior.py", run), "b0c1", "is missing snapshots/b0c1.pt",
+                       "rerun the run's training command")
     assert not (run / "prior.json").exists()
 
 
@@ -265,3 +266,41 @@ def test_cli_notes_a_run_still_training(tmp_path):
     (run / "run.json").write_text(json.dumps(meta))
     r = cli("fit_prior.py", run)
     assert r.returncode == 0 and f"note: {run} has 2 of its 3 snapshots (still training?)" in r.stdout
+
+
+# A live trainer's lock (q0_run.RunLock): slot 0 held, its pid written there, as the first rank keeps it.
+HOLD_LOCK = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644); "
+             "fcntl.lockf(fd, fcntl.LOCK_EX, 16, 0); os.pwrite(fd, f'{os.getpid():>15}\\n'.encode(), 0); "
+             "print('held', flush=True); time.sleep(60)")
+
+
+def test_cli_notes_a_run_whose_trainer_is_alive(tmp_path):
+    """A run still training (its lock held by a live trainer) was fitted without a word when its
+    snapshots so far matched no plan (here: no layout recorded)."""
+    run = make_run(tmp_path, "a", synthetic(2, 50, seed=1), None)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = cli("fit_prior.py", run)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 0 and f"note: {run} is still training (pid {holder.pid}; 2 of its 2 snapshots so far)" \
+        in r.stdout, r.stdout
+    assert cli("fit_prior.py", run, "--out", tmp_path / "p2.json").stdout.count("note:") == 0  # it ended
+
+
+def test_cli_a_rerun_after_a_stop_between_the_prior_and_its_temporary_is_done(tmp_path):
+    """Stopped after linking prior.json into place, before removing its temporary name: the prior is
+    complete, and the rerun (it exited 2: "exists") says so, removes the leftover and exits 0."""
+    import os
+    run = make_run(tmp_path, "a", synthetic(3, 50, seed=1), None)
+    assert cli("fit_prior.py", run).returncode == 0
+    prior, before = run / "prior.json", (run / "prior.json").read_bytes()
+    os.link(prior, run / ".prior.json.tmp")  # what the stop leaves: both names, one file
+    r = cli("fit_prior.py", run)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == f"note: {prior} is already complete: this command wrote it before it was stopped; " \
+                               f"nothing left to do (move it away to compute it again)"
+    assert prior.read_bytes() == before and not (run / ".prior.json.tmp").exists()
+    assert_clean_error(cli("fit_prior.py", run), "prior.json exists")  # a finished prior is never overwritten

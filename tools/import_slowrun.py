@@ -14,6 +14,7 @@ here, not in the trainer.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def slowrun_state_dict(state_dict: dict, cfg: q0.GPTConfig, iha_mix_v: bool = Tr
     with torch.device("meta"):
         names = {n: p.shape for n, p in q0.GPT(cfg).named_parameters()}
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state_dict.items()}
+    absent = [k for k in ("transformer.wte.weight", "lm_head.weight", "resid_lambdas", "x0_lambdas", "skip_weights")
+              if k not in sd]
+    if absent:
+        raise UsageError(f"reference state dict lacks {absent[:4]}; give a model_{{i}}.pt the reference saved")
     ours = {"embed.weight": sd.pop("transformer.wte.weight"), "head.weight": sd.pop("lm_head.weight"),
             "resid_scale": sd.pop("resid_lambdas"), "x0_scale": sd.pop("x0_lambdas"),
             # the reference indexes skip weights by decoder position i - n/2, ours by encoder layer n-1-i
@@ -108,7 +113,12 @@ def import_snapshots(run: q0_run.Run, folder: Path):
         if (run.run_dir / "snapshots" / f"{sid}.json").exists():
             continue
         model = q0.GPT(run.cfg)
-        model.load_state_dict(slowrun_state_dict(q0_run.load_weights(path), run.cfg))
+        try:
+            model.load_state_dict(slowrun_state_dict(q0_run.load_weights(path), run.cfg))
+        except RuntimeError as e:  # shapes: the model flags are not the ones the reference trained with
+            said = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+            raise UsageError(f"{path} does not fit the model the flags describe ({said}); give the model flags "
+                             f"it was trained with") from None
         state = q0.snapshot_state(model, device)
         model = q0.model_from_state(run.cfg, state, device)  # score what is saved, as training does
         fitness = q0.token_probs(model, data.fitness, args.seq_len, args.eval_batch, device)
@@ -131,9 +141,20 @@ def main(argv=None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("tools/import_slowrun.py runs in one process; drop torchrun")
     args = q0.parse_args(argv[1:])
+    folder = Path(argv[0])
+    if not sorted(folder.glob("model_*.pt")):  # before a run folder is made for nothing
+        raise UsageError(f"{folder} holds no model_{{i}}.pt; give the reference's checkpoint folder")
     q0.set_kernels(attention=args.attention, autocast=args.autocast)
+    new = not (Path(args.runs_dir) / args.run_name / "run.json").exists()
     run = q0_run.start(q0, args, q0.NON_POPULATION_FLAGS)
-    import_snapshots(run, Path(argv[0]))
+    try:
+        import_snapshots(run, folder)
+    except BaseException:
+        # a run this command made and nothing imported into it: removed, so that the corrected
+        # command (other model flags, another layout) is not refused as a different population
+        if new and not list((run.run_dir / "snapshots").glob("*.json")):
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+        raise
     return q0_run.finish(run)
 
 
