@@ -4,6 +4,7 @@ must end bitwise identical to an uninterrupted run, with no stray file. The defa
 few commits; `pytest -m slow tests/test_faults.py` runs the whole campaign on 1 process, on
 torchrun with 2 processes and on two loopback "nodes" (c10d rendezvous on 127.0.0.1), and prints
 its counts: trials, identical, corrupt, hung."""
+import gc
 import json
 import math
 import os
@@ -343,6 +344,7 @@ def test_real_full_and_read_only_disks(tiny_disk):
     with pytest.raises(shards.DiskError, match=r"no space left for .*raw\.pt: it needs more space, \d+ B free"):
         shards.atomic_write(tiny_disk / "raw.pt", lambda tmp: torch.save(big, tmp))  # torch's own RuntimeError
     assert not list(tiny_disk.iterdir())  # no temporary file left
+    gc.collect()  # torch's failed writer, in a reference cycle, may still hold the unlinked file open: EBUSY
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
     with pytest.raises(shards.DiskError, match=r"cannot write .*x\.json: Read-only file system"):
         shards.atomic_write_text(tiny_disk / "x.json", "{}")
