@@ -1348,6 +1348,7 @@ class BaseTrainer:
         self.args, self.base, self.layout, self.data, self.cfg = args, base, run.layout, run.data, cfg
         self.cycles, self.run_dir, self.log, self.device = run.cycles, run.run_dir, run.log, device
         self.plan = run.plan
+        self.held_dtype = q0_run.held_dtype(device.type)  # teachers and snapshots: bf16 on CUDA, fp32 on a CPU
         self.leader = self.layout.group_rank == 0
         self.use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
         self.stream = TrainStream(self.data.train, self.data.bos_id, args.seed, base)
@@ -1381,7 +1382,7 @@ class BaseTrainer:
     def load_ensemble(self, distil: list[dict]) -> EnsembleTeacher:
         """The prior's members, frozen and compiled like the student, bf16 on CUDA: member i's body on
         group rank i mod W, its head on every rank (EnsembleTeacher)."""
-        dtype = q0_run.held_dtype(self.device.type)
+        dtype = self.held_dtype
         size, rank = self.layout.group_size, self.layout.group_rank
         members = []
         for i, d in enumerate(distil):
@@ -1408,7 +1409,7 @@ class BaseTrainer:
         the reference holds its teacher (bf16 on CUDA: half the memory of the fp32 scorer); else it goes."""
         keep = self.ensemble is None and chain_distills(self.args, cycle_index + 1)
         if keep:
-            scorer.model.to(q0_run.held_dtype(self.device.type))
+            scorer.model.to(self.held_dtype)
         self.teacher = scorer if keep else None
 
     def load_teacher(self, cycle: int):
@@ -1416,7 +1417,7 @@ class BaseTrainer:
         record = q0_run.read_record(self.run_dir, q0_run.snapshot_id(self.base, cycle))
         _, path = q0_run.snapshot_weights(self.run_dir, record)  # checked against its record's SHA-256
         state = q0_run.load_weights(path)
-        self.set_teacher(model_from_state(self.cfg, state, self.device, q0_run.held_dtype(self.device.type)))
+        self.set_teacher(model_from_state(self.cfg, state, self.device, self.held_dtype))
 
     # --- the most expensive step, first -------------------------------------------------------
     def probe(self):
@@ -1430,7 +1431,7 @@ class BaseTrainer:
         teacher, kind = self.ensemble, "the prior's ensemble"
         if teacher is None and any(chain_distills(args, c.index) for c in self.cycles[self.cycles_done:]):
             with torch.device("meta"):
-                stand_in = GPT(self.cfg).to(q0_run.held_dtype(device.type))
+                stand_in = GPT(self.cfg).to(self.held_dtype)
             stand_in = stand_in.to_empty(device=device).eval().requires_grad_(False)
             teacher, kind = SnapshotTeacher(stand_in, self.compiled(stand_in)), "a chain teacher"
         rows = torch.zeros(B, args.seq_len + 1, dtype=torch.int64, device=device)
