@@ -1584,6 +1584,8 @@ def setup_distributed(timeout_minutes: float, cuda: bool | None = None) -> tuple
         return dist.get_world_size(), dist.get_rank(), device
     if "RANK" not in os.environ:
         return 1, 0, torch.device("cuda" if cuda else "cpu")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        watch_launcher()
     timeout = datetime.timedelta(minutes=timeout_minutes)  # torch's default is 30 minutes (gloo)
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -1594,6 +1596,24 @@ def setup_distributed(timeout_minutes: float, cuda: bool | None = None) -> tuple
     return dist.get_world_size(), dist.get_rank(), torch.device("cpu")
 
 
+def watch_launcher(every_s: float = 1.0):
+    """Under torchrun, this worker stops when its launcher is gone. torchrun starts each worker in
+    a session of its own, so a launcher killed with its process group (or a node's agent killed)
+    leaves its workers running, waiting in a collective for the --startup-timeout-minutes or the
+    --collective-timeout-minutes for peers that no launcher will restart. The worker ends at once,
+    as a kill would end it: the same command resumes from the last checkpoint."""
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:  # an orphan is adopted by init or a subreaper
+            time.sleep(every_s)
+        print(f"error: rank {os.environ.get('RANK', '?')} stops: torchrun's launcher (pid {launcher}) is gone; "
+              f"rerun the same command to resume", file=sys.stderr, flush=True)  # one line a worker
+        os._exit(2)
+
+    threading.Thread(target=watch, daemon=True, name="q0-launcher-watch").start()
+
+
 class PeerTimeout(UsageError):
     pass
 
@@ -1601,24 +1621,57 @@ class PeerTimeout(UsageError):
 class Peers:
     """Signs of life of every process through the rendezvous store: a daemon thread bumps this
     process's counter every few seconds, and a stopped (hung node) or dead process stops bumping.
-    So a failed collective can name the rank that stopped answering, and the end of training waits
-    for slower process groups as long as they are alive, not for a fixed time."""
+    The same thread watches the others' counters while this process trains: a process silent for
+    the collective timeout is named at once by the lowest-ranked live process, which then ends
+    (torchrun stops the rest), however long the other process groups would still train. A failed
+    collective names the silent rank the same way, and the end of training waits for slower
+    process groups as long as they are alive, not for a fixed time."""
 
-    def __init__(self, world: int, rank: int, timeout_minutes: float):
+    def __init__(self, world: int, rank: int, timeout_minutes: float, store=None):
         self.world, self.rank, self.timeout_s = world, rank, timeout_minutes * 60
         self.beat_s = min(2.0, self.timeout_s / 4)
-        self.store = dist.distributed_c10d._get_default_store()
+        self.watch_s = max(self.beat_s, self.timeout_s / 8)  # world^2 store reads per watch, all processes
+        self.watching = True   # off once this process reports a failure itself, or waits in join()
+        self.log = None        # the run's log (RunLog), once it is open: a hung peer is written there too
+        self.store = store or dist.distributed_c10d._get_default_store()
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread = threading.Thread(target=self._beat, daemon=True, name="q0-heartbeat")
         self.thread.start()
 
     def _beat(self):
+        seen, next_watch = {}, time.monotonic() + self.watch_s
         while not self.stopping.is_set():
             try:
                 self.store.add(f"q0/alive/{self.rank}", 1)
+                if self.watching and time.monotonic() >= next_watch:
+                    self._watch(seen)
+                    next_watch = time.monotonic() + self.watch_s
             except Exception:  # noqa: BLE001 - the store is gone: the job is ending anyway
                 return
             self.stopping.wait(self.beat_s)
+
+    def _watch(self, seen: dict):
+        """`seen`: rank -> (its last counter, when it last changed). Ranks that have finished
+        (q0/done) are not watched: they stop beating when they leave."""
+        now = time.monotonic()
+        unfinished = [r for r in range(self.world) if r != self.rank and not self.store.add(f"q0/done/{r}", 0)]
+        for r, n in self._beats(unfinished).items():
+            if seen.get(r, (None,))[0] != n:
+                seen[r] = (n, now)
+        silent = [r for r in unfinished if now - seen[r][1] > self.timeout_s]
+        if silent and self.watching and self.rank == min(set(range(self.world)) - set(silent)):
+            self._report(silent)
+
+    def _report(self, silent: list[int]):
+        """Said once, by one process, on stderr and in the run's log; then this process ends, as a
+        collective that timed out would end it (nothing half-written is used: the same command
+        resumes from the last checkpoint)."""
+        message = f"error: {self.hung_message(silent)}"
+        if self.log is not None:
+            with contextlib.suppress(Exception):
+                self.log.line(message, echo=False)
+        print(message, file=sys.stderr, flush=True)
+        os._exit(2)
 
     def close(self):
         """Stop beating before the process group (and its store) goes: a store call in flight at
@@ -1642,6 +1695,7 @@ class Peers:
         """Wait until every process has finished, failing if an unfinished one shows no sign of
         life for the collective timeout. Then each process says it is leaving, and rank 0 (which
         hosts the store when no torchrun agent does) leaves last: no process polls a store that is gone."""
+        self.watching = False  # from here the wait itself names a silent process
         try:
             self.store.add(f"q0/done/{self.rank}", 1)
             self._wait("done", range(self.world), fail=True)
@@ -1743,6 +1797,8 @@ def reports_errors(main):
             return 2
         except RuntimeError:  # a collective that failed (torch.distributed's errors are RuntimeErrors)
             peers = PROCESS.peers
+            if peers:
+                peers.watching = False  # this process names the silent rank itself
             silent = [r for r in peers.silent() if r != PROCESS.rank] if peers else []
             if not silent:
                 raise
@@ -1818,6 +1874,8 @@ def start(exp: Experiment, args, non_population: set) -> Run:
         lock = RunLock(run_dir, rank)  # every writer holds its slot of the run's lock for its life
     run = Run(args, cfg, data, cycles, layout, run_dir, _open_log(args, run_dir, layout), device, distil,
               distil_k, plan, lock)
+    if PROCESS.peers is not None:
+        PROCESS.peers.log = run.log
     if rank == 0:
         _header(exp, run, resumed, world)
     if world > 1:

@@ -4,6 +4,7 @@ must end bitwise identical to an uninterrupted run, with no stray file. The defa
 few commits; `pytest -m slow tests/test_faults.py` runs the whole campaign on 1 process, on
 torchrun with 2 processes and on two loopback "nodes" (c10d rendezvous on 127.0.0.1), and prints
 its counts: trials, identical, corrupt, hung."""
+import contextlib
 import gc
 import json
 import math
@@ -252,6 +253,63 @@ def test_a_frozen_node_fails_the_other_naming_its_rank(fault_data, tmp_path, ref
     assert code is None, out  # the frozen node's launcher waits on its frozen worker: stopped by launch()
     assert "error: rank 1 stopped answering for --collective-timeout-minutes 0.2" in out, out
     assert time.time() - t0 < 150
+
+
+@pytest.mark.slow  # in-process twin: tests/test_memory_and_startup.py::test_the_lowest_live_rank_names_a_silent_one
+def test_a_frozen_process_is_named_while_the_other_group_still_trains(fault_data, tmp_path, reference):
+    """Two process groups (a base each): rank 1 stops dead at its first commit while rank 0 has
+    1,000 cycles to train. Rank 0's heartbeat thread names rank 1 after the collective timeout and
+    ends, so torchrun stops the job. It used to be said only after rank 0 had trained its whole
+    base (finding 17). Rank 0 still training when it is said: its last snapshot was never written."""
+    code, out = launch("2 processes", fault_data, tmp_path, {"Q0_FAULT": "stop:1", "Q0_FAULT_RANK": "1"},
+                       extra=("--cycles", "1000", "--run-name", RUN))
+    assert code == 1, out  # torchrun's own code when a worker failed (rank 0's: 2)
+    assert "error: rank 1 stopped answering for --collective-timeout-minutes 0.2" in out, out
+    assert not (tmp_path / RUN / "snapshots/b0c1000.json").exists()
+    assert "error: rank 1 stopped answering" in (tmp_path / RUN / "log.txt").read_text()
+
+
+def test_workers_stop_when_their_launcher_is_killed_during_the_start(fault_data, tmp_path, reference):
+    """torchrun's process group killed while its workers start (rank 0 stopped at its first commit,
+    run.json, and rank 1 waiting for it in the start's first collective): the workers run in sessions
+    of their own, so they used to wait for the whole timeout (finding 16). Rank 1 now sees its
+    launcher gone and ends with one line; the same command then completes, identical."""
+    hung_s = HUNG_PACE * PACE["launch_s"]
+    cmd = [*TORCHRUN_2, str(REPO / "train_q0.py"), *TINY, "--data-dir", str(fault_data), "--runs-dir",
+           str(tmp_path), *FLAGS, "--collective-timeout-minutes", "5"]  # no heartbeat timeout meanwhile
+    log = tmp_path.parent / f"{tmp_path.name}.launcher.log"
+    env = {**os.environ, **ENV, "Q0_FAULT": "stop:1", "Q0_FAULT_RANK": "0"}
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + hung_s
+    while not (workers := children(launcher.pid)) or not any(state(w) == "T" for w in workers):
+        assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()
+        time.sleep(0.1)
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    running = [w for w in workers if state(w) != "T"]
+    while any(state(w) not in (None, "Z") for w in running) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for w in workers:  # the stopped one, and any still running (the test then fails)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w, signal.SIGKILL)
+    assert running and all(state(w) in (None, "Z") for w in running), log.read_text()
+    assert f"error: rank 1 stops: torchrun's launcher (pid {launcher.pid}) is gone" in log.read_text()
+    code, out = launch("2 processes", fault_data, tmp_path, extra=("--collective-timeout-minutes", "5"))
+    assert code == 0 and digest(tmp_path) == reference, out
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+            for c in (t / "children").read_text().split()] if Path(f"/proc/{pid}/task").exists() else []
+
+
+def state(pid: int) -> str | None:
+    """A process's state letter (R, S, T: stopped, Z: a zombie), or None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def snapshot_losses(run_dir: Path) -> dict:

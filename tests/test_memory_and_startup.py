@@ -150,6 +150,31 @@ def test_no_process_polls_the_store_after_its_host_has_gone(tmp_path):
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["joined", "joined"]
 
 
+def test_the_lowest_live_rank_names_a_silent_one():
+    """The heartbeat thread's watch, on a store of this process's own (rank 1 beats, rank 2 never
+    does): rank 0 names rank 2 once it is silent for the timeout, rank 1 leaves it to rank 0, and a
+    rank that has finished (q0/done) is never named. Finding 17: a frozen process used to be named
+    only when every other group had finished training."""
+    store = dist.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False)
+    said = {0: [], 1: []}
+    peers = [q0_run.Peers(3, rank, timeout_minutes=0.02, store=store) for rank in (0, 1)]  # 1.2 s
+    for p in peers:
+        p._report = lambda silent, rank=p.rank: said[rank].append(silent)  # in place of os._exit
+    try:
+        store.add("q0/done/2", 1)  # finished: silent, yet never named
+        time.sleep(4 * peers[0].timeout_s)
+        assert said == {0: [], 1: []}
+        store.set("q0/done/2", "0")  # unfinished from now on
+        deadline = time.monotonic() + 60  # a hang guard: the watch names it after about 1.5 s
+        while not said[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2 * peers[0].watch_s)
+        assert said[0][0] == [2] and said[1] == []
+    finally:
+        for p in peers:
+            p.close()
+
+
 # --- the dry run ---------------------------------------------------------------------------------
 
 def test_dry_run_prints_the_whole_plan_and_exits_0_where_the_disk_cannot_hold_the_run(small_data, tmp_path,
