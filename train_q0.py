@@ -577,6 +577,44 @@ def row_dropout(x: torch.Tensor, p: float, training: bool, seeds: torch.Tensor |
     return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
 
 
+class KVCache:
+    """Keys and values for incremental decoding (GPT.decode, sample.py): the tokens given so far,
+    kept per block APPLICATION, not per layer: a looped layer runs several times on different
+    inputs, so each application (its attention's dropout site, unique per application) has its own
+    entry. Every entry is allocated at seq_len on first use, in the dtype and device of the keys it
+    gets; a sliding-window layer keeps them all and masks (simple; memory 2 x applications x B x
+    seq_len x d_model). It REFUSES to go past seq_len rather than sliding: RoPE's tables and the
+    training context end there, and a slid cache would hold keys computed from a longer context
+    than the model ever saw; a caller that wants more starts a new cache from the last tokens."""
+
+    def __init__(self, seq_len: int):
+        self.seq_len, self.pos, self.kv = seq_len, 0, {}
+
+    def reserve(self, t: int) -> int:
+        """Room for t new tokens, or one line saying why not; returns their first position."""
+        if self.pos + t > self.seq_len:
+            raise UsageError(f"the KV cache holds the model's {self.seq_len} positions (its --seq-len) and {self.pos} "
+                             f"are taken: {t} more do not fit; start a new cache from the last tokens")
+        return self.pos
+
+    def advance(self, t: int):
+        """After every application has stored its t new keys and values."""
+        self.pos += t
+
+    def attend(self, site: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        """Causal attention of the new tokens' (B, H, t, hd) q over every cached key of `site` and the
+        new ones, query at position p seeing keys p - window .. p (sdpa_attend's mask, offset)."""
+        B, H, t, hd = k.shape
+        if site not in self.kv:
+            self.kv[site] = (k.new_zeros(B, H, self.seq_len, hd), v.new_zeros(B, H, self.seq_len, hd))
+        keys, values = self.kv[site]                                      # (B, H, seq_len, hd) each
+        end = self.pos + t
+        keys[:, :, self.pos:end], values[:, :, self.pos:end] = k, v
+        distance = torch.arange(self.pos, end, device=q.device)[:, None] - torch.arange(end, device=q.device)
+        visible = (distance >= 0) & (distance <= window)                  # (t, end)
+        return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=visible)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -592,7 +630,8 @@ class CausalSelfAttention(nn.Module):
         self.q_mix, self.k_mix, self.v_mix = ((nn.Parameter(torch.eye(h)) for _ in range(3)) if cfg.iha
                                               else (None, None, None))
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope, seeds=None, site: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope, seeds=None, site: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
         B, T, D = x.shape                                          # x: the normed block input
         H, hd = self.n_head, self.head_dim
         q = F.linear(x, mixed_heads(self.q.weight, self.q_mix)).view(B, T, H, hd)
@@ -606,7 +645,10 @@ class CausalSelfAttention(nn.Module):
         # CUDA autocast runs rms_norm in fp32 beside a bf16 v, and FlexAttention takes the mix as it
         # comes: one dtype, v's (a no-op on the CPU, whose autocast keeps rms_norm in bf16)
         q, k = q.to(v.dtype), k.to(v.dtype)
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window)  # (B, H, T, hd)
+        if cache is None:
+            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window)  # (B, H, T, hd)
+        else:  # decoding: this application's earlier keys and values join the new ones
+            y = cache.attend(site, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window)
         y = y.transpose(1, 2) * torch.sigmoid(self.gate(x[..., :GATE_CHANNELS])).unsqueeze(-1)  # (B, T, H, hd)
         return row_dropout(self.proj(y.reshape(B, T, D)), self.dropout, self.training, seeds, site)
 
@@ -629,9 +671,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope, seeds=None, site: int = 0) -> torch.Tensor:
-        """site: which block application this is (dropout masks differ per application)."""
-        x = x + self.attn(norm(x), x0, rope, seeds, 2 * site)
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, rope, seeds=None, site: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """site: which block application this is (dropout masks, and KV cache entries, differ per application)."""
+        x = x + self.attn(norm(x), x0, rope, seeds, 2 * site, cache)
         return x + self.mlp(norm(x), seeds, 2 * site + 1)
 
 
@@ -689,28 +732,52 @@ class GPT(nn.Module):
         self.x0_scale.fill_(0.0 if self.cfg.zero_out_init else 0.1)
         self.skip_scale.fill_(1.0)
 
-    def _layer(self, i: int, x: torch.Tensor, x0: torch.Tensor, rope, seeds, site: int) -> torch.Tensor:
+    def _layer(self, i: int, x: torch.Tensor, x0: torch.Tensor, rope, seeds, site: int,
+               cache: KVCache | None = None) -> torch.Tensor:
         """One block application, the residual/x0 mix before it (applied on every pass)."""
         x = self.resid_scale[i] * x + self.x0_scale[i] * x0
         if self.checkpoint_blocks and self.training:
             return torch.utils.checkpoint.checkpoint(self.blocks[i], x, x0, rope, seeds, site, use_reentrant=False)
-        return self.blocks[i](x, x0, rope, seeds, site)
+        return self.blocks[i](x, x0, rope, seeds, site, cache)
 
-    def hidden(self, idx: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, seeds: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """The normed final hidden states (B, T, D): an encoder that keeps its outputs, then the
-        decoder (looped block included) that adds encoder output n-1-i before layer i."""
+        decoder (looped block included) that adds encoder output n-1-i before layer i. With a
+        cache (decoding; training never passes one), idx are the tokens after the cached ones:
+        everything but attention is per token, so the same loop serves, attention reading the cache."""
         T, n = idx.size(1), self.cfg.n_layer
-        rope = (self.rope_cos[:T], self.rope_sin[:T])
+        if cache is None:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        else:
+            rope = self._decode_rope(cache, T)
         x0 = norm(self.embed(idx))
         x, skips = x0, []
         for i in range(self.cfg.encoder_layers):
-            x = self._layer(i, x, x0, rope, seeds, site=i)
+            x = self._layer(i, x, x0, rope, seeds, site=i, cache=cache)
             skips.append(x)
         for site, i in enumerate(self.cfg.decoder_order(), start=self.cfg.encoder_layers):
             if n - 1 - i < len(skips):
                 x = x + self.skip_scale[n - 1 - i] * skips[n - 1 - i]
-            x = self._layer(i, x, x0, rope, seeds, site)
+            x = self._layer(i, x, x0, rope, seeds, site, cache)
+        if cache is not None:
+            cache.advance(T)
         return norm(x)
+
+    def _decode_rope(self, cache: KVCache, T: int):
+        """RoPE of the T new tokens: positions offset by the cache's length (refused past seq_len)."""
+        if self.training:  # dropout would draw new masks on every call: decoding is for eval mode
+            raise ValueError("GPT.decode and hidden(cache=...) run in eval mode; call model.eval() first")
+        s = cache.reserve(T)
+        return self.rope_cos[s:s + T], self.rope_sin[s:s + T]             # (T, hd/2) each
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.seq_len)
+
+    def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, t, V) of t new tokens idx (B, t) that follow the cache's (a prompt's prefill, then
+        one token at a time), their keys and values added to it: equal to the last t positions of
+        forward() over the whole sequence (tests/test_sample.py)."""
+        return self.logits(self.hidden(idx, cache=cache))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Soft-capped logits over the real vocabulary, in float32."""

@@ -12,7 +12,7 @@ from conftest import REPO
 import q0_run
 import train_q0 as q0
 
-PROJECT = {"train_q0", "q0_run", "fit_prior", "eval", "import_slowrun", "data"}
+PROJECT = {"train_q0", "q0_run", "fit_prior", "eval", "sample", "import_slowrun", "data"}
 
 
 def imports_of(path) -> set[str]:
@@ -29,13 +29,15 @@ def imports_of(path) -> set[str]:
 def test_no_arrow_runs_back_up():
     """data/ stands on nothing of q0's; q0_run.py on data/ only; the trainer on both; the companions
     on q0_run and, for forward passes, the trainer (eval.py also refits the curve's prior with
-    fit_prior.py's solver). Neither the trainer nor q0_run imports a companion."""
+    fit_prior.py's solver; sample.py chooses an ensemble with eval.py's prior reader). Neither the
+    trainer nor q0_run imports a companion."""
     for path in (REPO / "data").glob("*.py"):
         assert imports_of(path) & PROJECT <= {"data"}, path
     assert imports_of(REPO / "q0_run.py") & PROJECT == {"data"}
     assert imports_of(REPO / "train_q0.py") & PROJECT == {"data", "q0_run"}
     assert imports_of(REPO / "fit_prior.py") & PROJECT <= {"data", "q0_run"}
     assert imports_of(REPO / "eval.py") & PROJECT <= {"data", "q0_run", "train_q0", "fit_prior"}
+    assert imports_of(REPO / "sample.py") & PROJECT <= {"data", "q0_run", "train_q0", "eval"}
     assert imports_of(REPO / "tools" / "import_slowrun.py") & PROJECT <= {"data", "q0_run", "train_q0"}
 
 
