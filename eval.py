@@ -3,12 +3,15 @@
     python eval.py runs/q0 [--prior runs/q0/prior.json] [--plot]           # cached fp16, seconds
     python eval.py runs/q0 --prior runs/q0/prior.json --forward             # forward passes, the truth
     torchrun --nproc_per_node=2 eval.py runs/q0 --forward                    # members over processes
+    python eval.py runs/q0 --prior runs/q0/prior.json --tasks next-line      # + downstream accuracy (tasks.py)
 
 Scores, on the whole validation set, in nats per token and bits per byte: every snapshot alone;
 the uniform ensemble; each prior budget K with renormalised and refitted weights; and the
 population curve (ensemble loss against epochs spent, as snapshots arrived, with uniform weights
 and with a prior refitted on the fitness caches of the snapshots present then). Every number
-carries its inference cost: forward passes = members in the ensemble.
+carries its inference cost: forward passes = members in the ensemble. --tasks adds zero-shot
+multiple-choice accuracy of the snapshots, the uniform ensemble, the prior's budgets and the
+students (tasks.py), always by forward passes.
 
 The cached path reads fp16 probabilities, whose rounding (relative 2**-11, so |d log p| <= 4.9e-4
 per token, unbiased) keeps it within 1e-3 nats/token of the forward path: that is the tolerance.
@@ -16,6 +19,7 @@ per token, unbiased) keeps it within 1e-3 nats/token of the forward path: that i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import resource
@@ -30,13 +34,14 @@ import torch.distributed as dist
 
 import fit_prior
 import q0_run
+import tasks
 from data.shards import PATH, SWITCH, TEXT, ArgumentParser, UsageError, at_least, command, parse_checked
 
 CACHE_TOLERANCE = 1e-3  # nats/token between the cached fp16 and forward paths (see the docstring)
 CHUNK_ELEMS = 1 << 22    # tokens x max(members, weightings) scored at once: 32 MiB of float64
 PARTS = ("members", "uniform", "prior", "curve")
 MD_TITLE = "# q0 evaluation "
-EVAL_VERSION = 2         # eval.json's format; 2: sealed (q0_run.sealed_json)
+EVAL_VERSION = 3         # eval.json's format; 2: sealed (q0_run.sealed_json); 3: "tasks" (--tasks)
 # --forward under torchrun: a rank waits in a collective while another runs a member's forward pass
 # over the whole validation set, so the timeout is torch's gloo default, not the trainer's flag's.
 COLLECTIVE_TIMEOUT_MINUTES = 30.0
@@ -102,19 +107,26 @@ def split_students(members):
     return [m for m in members if m not in students], students
 
 
-def student_rows(students, member_sums, run: dict) -> list[dict]:
-    """Each student run's last snapshot (the end of its schedule): its loss at 1 forward pass, its own
-    epochs, and the teacher's cost (the members of nonzero weight it learned from)."""
+def student_last(students) -> list[int]:
+    """Each student run's last snapshot (the end of its schedule), as an index into `students`."""
     out = []
     for run_dir in dict.fromkeys(m.run_dir for m in students):
-        mine = [(m, s) for m, s in zip(students, member_sums) if m.run_dir == run_dir]
-        m, s = max(mine, key=lambda x: (x[0].record["cycle"], x[0].record["base"]))
-        cfg = m.run["population_config"]
-        out.append({"run": str(run_dir), "id": m.record["id"], "forward_passes": 1,
-                    "epochs": q0_run.epochs_spent([x.record for x, _ in mine]),
+        mine = [i for i, m in enumerate(students) if m.run_dir == run_dir]
+        out.append(max(mine, key=lambda i: (students[i].record["cycle"], students[i].record["base"])))
+    return out
+
+
+def student_rows(students, member_sums, run: dict) -> list[dict]:
+    """Each student run's last snapshot: its loss at 1 forward pass, its own epochs, and the
+    teacher's cost (the members of nonzero weight it learned from)."""
+    out = []
+    for i in student_last(students):
+        m, cfg = students[i], students[i].run["population_config"]
+        out.append({"run": str(m.run_dir), "id": m.record["id"], "forward_passes": 1,
+                    "epochs": q0_run.epochs_spent([x.record for x in students if x.run_dir == m.run_dir]),
                     "teacher": {"prior": cfg["distil_from"], "K": cfg["distil_k"],
                                 "forward_passes": len(cfg.get("distil_teacher", []))},
-                    **numbers(s, run)})
+                    **numbers(member_sums[i], run)})
     return out
 
 
@@ -220,42 +232,64 @@ class SpillFile:
         self.path.unlink(missing_ok=True)
 
 
+def forward_members(members, todo: np.ndarray, device, rank: int, world: int, T: int, probs_of, what: str):
+    """Members todo[...] stream from disk one at a time (train_q0.load_snapshot_model: the weights'
+    SHA-256 checked), spread over processes: rank k runs member todo[start + k] of each round,
+    `probs_of(model, member)` -> float32[T]. Each row is handed to rank 0, which alone gets
+    (index, row) pairs; every rank must run the generator to its end (its collectives)."""
+    import train_q0  # the model: only forward passes need the trainer
+    started = time.time()
+    for start in range(0, todo.size, world):  # a round: rank k runs member todo[start + k]
+        p = None
+        if start + rank < todo.size:
+            m = members[todo[start + rank]]
+            model = train_q0.load_snapshot_model(m.run_dir, m.record, device)
+            p = probs_of(model, m)
+            del model
+        if rank == 0:  # progress on stderr: stdout is the result
+            done, spent = min(todo.size, start + world), time.time() - started
+            print(f"{what}: scored {done}/{todo.size} members | {q0_run.clock(spent)} elapsed, "
+                  f"ETA {q0_run.clock(spent / done * (todo.size - done))}", file=sys.stderr, flush=True)
+        for k in range(min(world, todo.size - start)):  # each owner hands its row to rank 0
+            row = torch.from_numpy(p) if (rank == k and p is not None) else torch.zeros(T)
+            if world > 1:
+                q0_run.all_reduce_(row)
+            if rank == 0:
+                yield todo[start + k], row.numpy()
+
+
 def score_forward(members, W: torch.Tensor, keep: torch.Tensor, need: np.ndarray, device, batch_size: int,
                   rank: int, world: int, spill: Path):
-    """Members stream from disk one at a time, spread over processes; each one's probabilities
-    (float32, floored like the caches) are handed to the reporting rank, which writes them to one
-    file (`spill`, removed after) and then scores every weighting in token chunks: host memory is
-    one member's probabilities and one chunk, not a running sum per weighting per token."""
-    import train_q0  # the model: only forward passes need the trainer
+    """Members' forward passes over the validation set (forward_members); each one's probabilities
+    (float32, floored like the caches) go to one file on the reporting rank (`spill`, removed after),
+    which then scores every weighting in token chunks: host memory is one member's probabilities
+    and one chunk, not a running sum per weighting per token."""
+    import train_q0
     run = members[0].run
     tokens, T = q0_run.load_val_tokens(run), run["val"]["targets"]
-    todo, started = np.flatnonzero(need), time.time()
+
+    def probs_of(model, m):
+        return np.maximum(train_q0.token_probs(model, tokens, run["seq_len"], batch_size, device),
+                          q0_run.PROB_FLOOR)  # the caches' floor: both paths score the same numbers
     store = SpillFile(spill, len(members), T) if rank == 0 else None
     try:
-        for start in range(0, todo.size, world):  # a round: rank k runs member todo[start + k]
-            p = None
-            if start + rank < todo.size:
-                m = members[todo[start + rank]]
-                model = train_q0.load_snapshot_model(m.run_dir, m.record, device)
-                p = np.maximum(train_q0.token_probs(model, tokens, run["seq_len"], batch_size, device),
-                               q0_run.PROB_FLOOR)  # the caches' floor: both paths score the same numbers
-                del model
-            if rank == 0:  # progress on stderr: stdout is the result
-                done, spent = min(todo.size, start + world), time.time() - started
-                print(f"scored {done}/{todo.size} members | {q0_run.clock(spent)} elapsed, "
-                      f"ETA {q0_run.clock(spent / done * (todo.size - done))}", file=sys.stderr, flush=True)
-            for k in range(min(world, todo.size - start)):  # each owner hands its row to rank 0
-                row = torch.from_numpy(p) if (rank == k and p is not None) else torch.zeros(T)
-                if world > 1:
-                    q0_run.all_reduce_(row)
-                if rank == 0:
-                    store.write(todo[start + k], row.numpy())
+        for i, row in forward_members(members, np.flatnonzero(need), device, rank, world, T, probs_of, "validation"):
+            store.write(i, row)
         if rank != 0:
             return None, None
         return score_chunks(store.read, len(members), T, W, keep, need)
     finally:
         if store is not None:
             store.close()
+
+
+def score_tasks(job, members, device, rank: int, world: int) -> np.ndarray | None:
+    """log p of every task target for every member `job.need` marks (rows of 0 elsewhere), on rank 0."""
+    T = job.layout.n_targets
+    LP = np.zeros((len(members), T), dtype=np.float32) if rank == 0 else None
+    for i, row in forward_members(members, np.flatnonzero(job.need), device, rank, world, T, job.forward, "tasks"):
+        LP[i] = row
+    return LP
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +357,8 @@ def markdown(res: dict) -> str:
                 f"{c['prior']['loss']:.4f} | {fmt_bpb(c['uniform']['bpb'])} | {fmt_bpb(c['prior']['bpb'])} |"
                 for c in res["curve"]]
         out.append("")
+    if res.get("tasks"):
+        out += tasks.markdown(res["tasks"])
     return "\n".join(out)
 
 
@@ -361,7 +397,8 @@ def claim_outputs(out: Path, writer: bool = True):
 
 
 RANGES = {"runs": PATH, "prior": PATH, "budgets": TEXT, "parts": TEXT, "curve_points": at_least(2),
-          "forward": SWITCH, "device": TEXT, "batch_size": at_least(1), "out": PATH, "plot": SWITCH}
+          "forward": SWITCH, "device": TEXT, "batch_size": at_least(1), "out": PATH, "plot": SWITCH,
+          "tasks": TEXT, "task_items": at_least(1), "task_file": TEXT}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,9 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--curve-points", type=int, default=64, help="most population sizes on the curve")
     ap.add_argument("--forward", action="store_true", help="run every member's forward pass instead of the caches")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-size", type=int, default=16, help="windows per forward batch (--forward)")
+    ap.add_argument("--batch-size", type=int, default=16, help="windows per forward batch (--forward, --tasks)")
     ap.add_argument("--out", help="results JSON (default <first run>/eval[-forward].json; .md beside it); never overwritten")
     ap.add_argument("--plot", action="store_true", help="also write a PNG beside --out (needs matplotlib)")
+    ap.add_argument("--tasks", help=f"downstream tasks, comma-separated, from {','.join(tasks.TASKS)} (tasks.py): "
+                                    f"acc and acc_norm of the parts asked for, by forward passes")
+    ap.add_argument("--task-items", type=int, help="score the first N items of each task (default: all)")
+    ap.add_argument("--task-file", action="append", metavar="TASK=PATH[,PATH]",
+                    help="a local copy of a standard task's file(s), in its original format (repeatable)")
     return ap
 
 
@@ -400,6 +442,10 @@ def checked_flags(args) -> tuple[torch.device, set[str], int]:
         raise UsageError("the cached path runs in one process; drop torchrun, or add --forward")
     if args.budgets and not args.prior:
         raise UsageError("--budgets selects budgets of a prior; give --prior too")
+    if args.tasks is not None:
+        tasks.parse_flags(args.tasks, args.task_file)
+    elif args.task_items or args.task_file:
+        raise UsageError("--task-items and --task-file shape the downstream tasks; give --tasks too")
     return device, parts, world
 
 
@@ -420,12 +466,50 @@ def choose_weightings(args, parts: set[str], pop) -> tuple[list[dict], dict | No
     return weightings, prior
 
 
+@dataclasses.dataclass
+class TaskJob:
+    """The downstream tasks of --tasks: their items and targets (tasks.Layout), what to score
+    (`scored`: a snapshot or student by member index, or a weighting over every member) and the
+    members whose forward passes that needs."""
+    tasks: list
+    layout: tasks.Layout
+    forward: tasks.Forward
+    scored: list[dict]
+    need: np.ndarray
+
+
+def task_job(args, parts: set[str], pop, students, weightings) -> TaskJob | None:
+    """Every snapshot (with "members" in --parts), the uniform ensemble and the prior's budgets as
+    chosen for the validation loss (not the curve), and each student's last snapshot."""
+    if args.tasks is None:
+        return None
+    names, local = tasks.parse_flags(args.tasks, args.task_file)
+    run = pop[0].run
+    chosen = tasks.load_tasks(names, local, run, args.task_items)
+    layout = tasks.build_layout(chosen, run)
+    pad = np.zeros(len(students))
+    scored = [{"what": "snapshot", "run": str(m.run_dir), "id": m.record["id"], "member": i}
+              for i, m in enumerate(pop)] if "members" in parts else []
+    scored += [{"what": x["part"], **{k: x[k] for k in ("K", "weights") if x["part"] == "prior"},
+                "w": np.append(x["w"], pad)} for x in weightings if x["part"] in ("uniform", "prior")]
+    for i in student_last(students):
+        m = students[i]
+        scored.append({"what": "student", "run": str(m.run_dir), "id": m.record["id"],
+                       "teacher_K": m.run["population_config"]["distil_k"], "member": len(pop) + i})
+    need = np.zeros(len(pop) + len(students), dtype=bool)
+    for x in scored:
+        need[[x["member"]] if "member" in x else np.flatnonzero(x["w"])] = True
+    return TaskJob(chosen, layout, tasks.Forward(layout, run["bos_id"], args.batch_size), scored, need)
+
+
 def score(args, parts: set[str], members, n_pop: int, W: torch.Tensor, keep: torch.Tensor, device: torch.device,
-          world: int, out: Path):
-    """(rank, weighting sums, member sums): the caches in one process, or forward passes spread over
-    torchrun's processes (q0_run.setup_distributed; plain --device cuda is each process's own GPU)."""
+          world: int, out: Path, job: TaskJob | None = None):
+    """(rank, weighting sums, member sums, task log-probabilities or None): the caches in one
+    process, or forward passes spread over torchrun's processes (q0_run.setup_distributed; plain
+    --device cuda is each process's own GPU). The tasks always take forward passes."""
     if not args.forward:
-        return (0, *score_cached(members, W, keep))
+        sums = score_cached(members, W, keep)
+        return (0, *sums, score_tasks(job, members, device, 0, 1) if job else None)
     rank = 0
     if world > 1:
         _, rank, local = q0_run.setup_distributed(COLLECTIVE_TIMEOUT_MINUTES, cuda=device.type == "cuda")
@@ -433,12 +517,14 @@ def score(args, parts: set[str], members, n_pop: int, W: torch.Tensor, keep: tor
     need = (W != 0).any(0).numpy() | ("members" in parts) | (np.arange(len(members)) >= n_pop)
     spill = out.with_name(f".{out.name}.members.tmp")  # fixed: a rerun reuses it
     sums = score_forward(members, W, keep, need, device, args.batch_size, rank, world, spill)
+    task_logp = score_tasks(job, members, device, rank, world) if job else None
     if world > 1:
         dist.destroy_process_group()  # sums are reduced; an open gloo group aborts at interpreter exit
-    return (rank, *sums)
+    return (rank, *sums, task_logp)
 
 
-def results(args, world: int, parts: set[str], pop, students, weightings, prior, sums, member_sums) -> dict:
+def results(args, world: int, parts: set[str], pop, students, weightings, prior, sums, member_sums,
+            job: TaskJob | None = None, task_logp: np.ndarray | None = None) -> dict:
     """eval.json: every number scored, by what it scores."""
     members, run = pop + students, pop[0].run
     res = {**q0_run.json_header("q0-eval", EVAL_VERSION),
@@ -465,6 +551,8 @@ def results(args, world: int, parts: set[str], pop, students, weightings, prior,
         res["prior"] = {"file": str(args.prior), "solver": prior["solver"]["name"], "budgets": list(budgets.values()),
                         "snapshots_not_in_prior": prior["unfitted"]}
     res["curve"] = list(curve.values())
+    if job is not None:
+        res["tasks"] = tasks.score(job.tasks, job.layout, task_logp, job.scored)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
 
@@ -484,11 +572,12 @@ def main(argv=None):
         weightings, prior = choose_weightings(args, parts, pop)
         W = torch.from_numpy(np.stack([np.append(x["w"], np.zeros(len(students))) for x in weightings])) \
             if weightings else torch.zeros((0, len(members)), dtype=torch.float64)
+        job = task_job(args, parts, pop, students, weightings)
         keep = byte_targets(members[0].run)
-        rank, sums, member_sums = score(args, parts, members, len(pop), W, keep, device, world, out)
+        rank, sums, member_sums, task_logp = score(args, parts, members, len(pop), W, keep, device, world, out, job)
         if rank != 0:
             return 0
-        res = results(args, world, parts, pop, students, weightings, prior, sums, member_sums)
+        res = results(args, world, parts, pop, students, weightings, prior, sums, member_sums, job, task_logp)
         md = markdown(res)
         q0_run.write_output(out.with_suffix(".md"), md + "\n", replace=True)  # the JSON, last, marks them complete
         if args.plot:
