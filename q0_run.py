@@ -353,7 +353,9 @@ class RunData:
     token_bytes: np.ndarray | None = None  # UTF-8 bytes of every token id (BOS 0), from the data files
 
 
-def load_data(args) -> RunData:
+def load_data(args, whole_documents: bool = False) -> RunData:
+    """The run's three token sets. `whole_documents`: the fitness carve of run format 3 and older
+    (whole documents to at least --fitness-tokens), for resuming such a run."""
     train_file, val_file = load_split(args.data_dir, "train"), load_split(args.data_dir, "val")
     if (train_file.vocab_size, train_file.tokenizer, train_file.bos_id) != \
             (val_file.vocab_size, val_file.tokenizer, val_file.bos_id):
@@ -365,7 +367,7 @@ def load_data(args) -> RunData:
             and not np.array_equal(train_file.token_bytes, token_bytes):
         raise DataError(f"{train_file.path} and {val_file.path} record different token byte lengths; "
                         f"rebuild both with: {_rebuild_hint(args.data_dir, train_file.command)}")
-    fitness, train = carve_fitness(train_file.tokens, train_file.bos_id, args.fitness_tokens)
+    fitness, train = carve_fitness(train_file.tokens, train_file.bos_id, args.fitness_tokens, whole_documents)
     if args.train_tokens:
         if args.train_tokens > train.size:
             raise UsageError(f"--train-tokens {args.train_tokens} exceeds the {train.size} training tokens left "
@@ -404,8 +406,10 @@ def load_data(args) -> RunData:
 #            /checkpoints/baseB.pt                            resume state of base B
 #            /manifest.json      run.json plus every snapshot record, written at the end
 
-RUN_VERSION = 3  # 2: the record's model (looping, IHA, MTP, separate q/k/v) and optimiser; 3: sealed
-RUN_VERSIONS = (2, 3)  # the same model: a run of format 2 reads and resumes, its unsealed files accepted
+RUN_VERSION = 4  # 2: the record's model (looping, IHA, MTP, separate q/k/v) and optimiser; 3: sealed;
+#                  4: the fitness set is exactly --fitness-tokens (3 and older: whole documents, at least)
+RUN_VERSIONS = (2, 3, 4)  # the same model: a run of format 2 reads and resumes, its unsealed files accepted
+WHOLE_DOCUMENT_FITNESS = (2, 3)  # run formats whose fitness carve took whole documents only
 SEALED_RUN_VERSION = 3  # from this format on, run.json, every record and checkpoint carries its SHA-256
 
 
@@ -1852,6 +1856,8 @@ def start(exp: Experiment, args, non_population: set) -> Run:
     run_dir, lock, plan, resumed, error = Path(args.runs_dir) / args.run_name, None, None, False, None
     try:
         data = load_data(args)
+        if _older_carve(run_dir, data):
+            data = load_data(args, whole_documents=True)
         cfg, cycles, layout = _shape(exp, args, data.train.size, data.vocab_size, world, rank)
         distil_k, distil = distil_members(Path(args.distil_from), args.distil_k, data, args.seq_len) \
             if args.distil_from else (0, None)  # every rank checks and loads them
@@ -1881,6 +1887,17 @@ def start(exp: Experiment, args, non_population: set) -> Run:
     if world > 1:
         barrier()
     return run
+
+
+def _older_carve(run_dir: Path, data: RunData) -> bool:
+    """Whether the run being resumed carved its fitness set by whole documents: a run of format 3
+    or older whose recorded fitness tokens are not this carve's (a run whose documents ended at
+    --fitness-tokens has the same tokens either way)."""
+    if not (run_dir / "run.json").is_file():
+        return False
+    run = load_run(run_dir)
+    return run.get("version") in WHOLE_DOCUMENT_FITNESS and \
+        run.get("fitness", {}).get("sha256") != data.describe["fitness"]["sha256"]
 
 
 def _say(line: str):

@@ -370,7 +370,7 @@ def check_muon(report: Report, cfg, args, device: torch.device):
 # =============================================================================================
 
 def write_data(folder: Path, vocab: int, bos: int, tokenizer: str, seq_len: int, train_tokens: int):
-    """train.q0t: a first document of 2 x seq_len tokens (the fitness set, --fitness-tokens 1), then
+    """train.q0t: a first document of 2 x seq_len tokens (the fitness set is its head, --fitness-tokens 64), then
     documents of seq_len / 2 to 2 x seq_len tokens; val.q0t: one document of 2 x seq_len + 1 tokens."""
     rng = np.random.default_rng(0)
 
@@ -444,7 +444,7 @@ def model_argv(device: torch.device, rest: list[str]) -> list[str]:
     else:
         model = ["--preset", "tiny", "--device-batch", "8", "--batch-seqs", "8"]  # MemTracker: one micro-batch a step
     run = ["--cycles", "2", "--first-cycle-epochs", "1", "--cycle-epochs", "1", "--batch-schedule", "1",
-           "--distil-from-cycle", "2", "--fitness-tokens", "1", "--train-tokens", "0", "--val-tokens", "0",
+           "--distil-from-cycle", "2", "--fitness-tokens", "64", "--train-tokens", "0", "--val-tokens", "0",
            "--run-name", "gpu-check"]
     return model + run + rest
 

@@ -8,6 +8,11 @@ SOURCE is a file or a folder (searched recursively, hidden entries skipped, in s
 the path). A .txt or .md file is one document; in a .jsonl file every line is one JSON record
 and its --field (a nested one with dots: meta.text) is one document. Documents keep this order in
 the shards; empty or blank ones are skipped, and a leading UTF-8 byte-order mark is not text.
+Line endings are written as \n (--newlines lf, the default): \r\n and a lone \r become \n, and a
+note says how many documents had them. Otherwise the same words tokenise differently by the editor
+that saved them, and sources that mix endings hold \r in some documents and not others (a split
+could then measure the \r bytes it happens to hold: per-byte losses moved by about 2% on a mixed
+corpus). --newlines keep writes the bytes as they are, and notes a mix.
 
 The validation split is whole documents, never trained on: --val-files (those files), --val-docs
 N, or --val-fraction F (default 0.1) of the documents. Documents are chosen by the SHA-256 of
@@ -212,21 +217,56 @@ def tokenize(texts: list[str], tokenizer, workers: int, desc: str) -> np.ndarray
 
 # --- the build --------------------------------------------------------------------------------
 
+def line_endings(docs: list[Document], newlines: str, settings: dict) -> list[Document]:
+    """The documents with \r\n and lone \r written as \n (newlines "lf") or as they are ("keep"),
+    and a note when any holds a \r. Only then is the choice part of the build's settings: a
+    corpus without \r builds the same either way (and as builds before the flag did)."""
+    with_cr = sum("\r" in d.text for d in docs)
+    if not with_cr:
+        return docs
+    settings["newlines"] = newlines
+    if newlines == "keep":
+        if with_cr < len(docs):
+            print(f"note: line endings are mixed: {with_cr:,} of {len(docs):,} documents hold \\r and the rest do "
+                  f"not; they are kept as text (--newlines lf writes every ending as \\n)")
+        return docs
+    print(f"note: {with_cr:,} of {len(docs):,} documents had \\r\\n or \\r line endings: written as \\n "
+          f"(--newlines keep keeps them)")
+    return [Document(d.name, d.text.replace("\r\n", "\n").replace("\r", "\n")) for d in docs]
+
+
 def build(sources: list[Source], *, tokenizer_name: str, out: Path, val: dict, command: str,
-          field: str = "text", workers: int = 1, about: dict | None = None) -> tuple[dict, bool]:
+          field: str = "text", workers: int = 1, about: dict | None = None,
+          newlines: str = "lf") -> tuple[dict, bool]:
     """Tokenise the sources into out/{train,val}.q0t and out/manifest.json, or verify an earlier
     build of the same sources and settings. Returns (manifest, verified)."""
     tokenizer = get_tokenizer(tokenizer_name)
     docs, listed, empty = [], [], 0
     for source in sources:
         found, digest, size = read_documents(source, field, nul_is_bos=tokenizer.name == "bytes")
-        kept = [d for d in found if d.text.strip()]  # blank lines alone are no document
+        kept = nonblank(found)
         empty += len(found) - len(kept)
         docs += kept
         listed.append(dict(name=source.name, bytes=size, sha256=digest, docs=len(kept)))
+    return build_documents(docs, listed, tokenizer=tokenizer, out=out, val=val, command=command,
+                           settings=dict(field=field, val=val), empty=empty, workers=workers, about=about,
+                           newlines=newlines)
+
+
+def nonblank(docs: list[Document]) -> list[Document]:
+    return [d for d in docs if d.text.strip()]  # blank lines alone are no document
+
+
+def build_documents(docs: list[Document], listed: list[dict], *, tokenizer, out: Path, val: dict, command: str,
+                    settings: dict, empty: int = 0, workers: int = 1, about: dict | None = None,
+                    newlines: str = "lf") -> tuple[dict, bool]:
+    """build() on documents already read and not blank (`listed`: their sources, for the manifest;
+    `empty`: the blank ones skipped). A corpus that is not a folder of files starts here
+    (data/python_docs.py)."""
     if not docs:
-        raise DataError(f"no text in {len(sources)} source file(s) (every document is empty or blank); point at "
+        raise DataError(f"no text in {len(listed)} source file(s) (every document is empty or blank); point at "
                         f"files that hold text")
+    docs = line_endings(docs, newlines, settings)
     chosen = choose_val(docs, val)
     val_digests = {docs[i].digest for i in chosen}
     train = [d for i, d in enumerate(docs) if i not in chosen and d.digest not in val_digests]
@@ -234,7 +274,7 @@ def build(sources: list[Source], *, tokenizer_name: str, out: Path, val: dict, c
         raise DataError("every training document repeats a validation one; give fewer validation documents")
     manifest = dict(format="q0-data", version=1, command=command, **(about or {}), tokenizer=tokenizer.name,
                     vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
-                    settings=dict(field=field, val=val), sources=listed, empty_documents_skipped=empty,
+                    settings=settings, sources=listed, empty_documents_skipped=empty,
                     duplicates_of_val_dropped=len(docs) - len(chosen) - len(train),
                     val_documents=[docs[i].name for i in sorted(chosen)], files={})
     recorded = recorded_manifest(out)
@@ -259,7 +299,7 @@ def report(out: Path, manifest: dict, verified: bool, seconds: float):
 
 
 RANGES = {
-    "sources": PATH, "tokenizer": CHOICE, "out": PATH, "field": TEXT,
+    "sources": PATH, "tokenizer": CHOICE, "out": PATH, "field": TEXT, "newlines": CHOICE,
     "val_docs": at_least(1), "val_files": PATH, "val_fraction": Range(lo=0, hi=1, lo_open=True, hi_open=True),
     "workers": at_least(1),
 }
@@ -277,6 +317,9 @@ def build_parser() -> ArgumentParser:
     val.add_argument("--val-files", nargs="+", metavar="FILE", help="these source files are the validation set")
     val.add_argument("--val-fraction", type=float,
                      help=f"this fraction of the documents (default {DEFAULT_VAL_FRACTION})")
+    p.add_argument("--newlines", choices=("lf", "keep"), default="lf",
+                   help="lf: write \\r\\n and \\r line endings as \\n; keep: write the bytes as they are "
+                        "(default: %(default)s)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="GPT-2 tokeniser processes (default: all cores)")
     return p
 
@@ -286,6 +329,8 @@ def canonical_command(args) -> str:
     words = ["python", "data/text.py", *map(str, map(Path, args.sources)), "--tokenizer", args.tokenizer]
     if args.field != "text":
         words += ["--field", args.field]
+    if args.newlines != "lf":
+        words += ["--newlines", args.newlines]
     if args.val_docs is not None:
         words += ["--val-docs", str(args.val_docs)]
     elif args.val_files:
@@ -323,7 +368,8 @@ def main(argv=None) -> int:
             raise DataError(f"--val-files {missing[0]} is not one of the sources' files; name it as found "
                             f"under a SOURCE, e.g. {sources[0].name}")
         manifest, verified = build(sources, tokenizer_name=args.tokenizer, out=args.out, val=val,
-                                   command=canonical_command(args), field=args.field, workers=args.workers)
+                                   command=canonical_command(args), field=args.field, workers=args.workers,
+                                   newlines=args.newlines)
     except OSError as e:  # an unreadable source, say
         raise os_error(e) from None
     total = sum(s["bytes"] for s in manifest["sources"])

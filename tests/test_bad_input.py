@@ -17,16 +17,19 @@ import fit_prior  # noqa: E402
 import import_slowrun  # noqa: E402
 import q0_run  # noqa: E402
 import sample  # noqa: E402
+import study  # noqa: E402
 import train_q0  # noqa: E402
-from data import fineweb, shakespeare, shards, text  # noqa: E402
+from data import fineweb, python_docs, shakespeare, shards, text  # noqa: E402
 
 COMMANDS = {  # name -> (module, the arguments a bad flag is added to)
     "train_q0.py": (train_q0, lambda t: ["--preset", "tiny", "--data-dir", t / "nodata", "--runs-dir", t / "runs"]),
     "fit_prior.py": (fit_prior, lambda t: [t / "norun"]),
     "eval.py": (eval_cli, lambda t: [t / "norun"]),
     "sample.py": (sample, lambda t: [t / "norun"]),
+    "study.py": (study, lambda t: ["--data-dir", t / "nodata", "--runs-dir", t / "runs"]),
     "data/text.py": (text, lambda t: [t / "src", "--tokenizer", "bytes", "--out", t / "out"]),
     "data/shakespeare.py": (shakespeare, lambda t: ["--out", t / "out"]),
+    "data/python_docs.py": (python_docs, lambda t: ["--out", t / "out"]),
     "data/fineweb.py": (fineweb, lambda t: ["--local-dir", t / "nowhere", "--out", t / "out"]),
 }
 # The values a new user tried that ended in a traceback or a silent wrong result (issue 13).

@@ -51,7 +51,8 @@ def one_line_error(capsys, *needles):
 
 
 def test_data_imports_neither_torch_nor_the_trainer():
-    code = ("import sys; import data.text, data.shakespeare, data.fineweb, data.shards, data.tokenizers; "
+    code = ("import sys; import data.text, data.shakespeare, data.python_docs, data.fineweb, data.shards, "
+            "data.tokenizers; "
             "bad = {'torch', 'train_q0', 'q0_run'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
@@ -239,6 +240,33 @@ def test_a_byte_order_mark_is_not_text(tmp_path, capsys):
         for doc in documents(tf.tokens, tf.bos_id):
             assert not bytes(doc.astype(np.uint8)).startswith(b"\xef\xbb\xbf")
             assert bytes(doc.astype(np.uint8)).startswith((b"document", b"a record"))
+
+
+def test_line_endings_are_written_as_lf_unless_kept(tmp_path, capsys):
+    """Sources that mix \r\n, \r and \n: by default every ending is \n (the same tokens as the
+    LF-only text) with a note; --newlines keep keeps the bytes and notes the mix; a corpus without
+    \r records no setting (its builds are the ones made before the flag)."""
+    texts = [f"line one of {i}\nline two\n" for i in range(6)]
+    mixed, plain = tmp_path / "mixed", tmp_path / "plain"
+    for folder in (mixed, plain):
+        folder.mkdir()
+    for i, t in enumerate(texts):
+        (plain / f"{i}.txt").write_bytes(t.encode())
+        (mixed / f"{i}.txt").write_bytes(t.replace("\n", ("\r\n", "\r", "\n")[i % 3]).encode())
+    (mixed / "z.jsonl").write_bytes(json.dumps({"text": "a\r\nb"}).encode() + b"\n")
+    (plain / "z.jsonl").write_bytes(json.dumps({"text": "a\nb"}).encode() + b"\n")
+    for src in (mixed, plain):
+        assert main(src, "--tokenizer", "bytes", "--out", tmp_path / f"{src.name}-lf", "--val-docs", "2") == 0
+    assert "note: 5 of 7 documents had \\r\\n or \\r line endings: written as \\n" in capsys.readouterr().out
+    for split in ("train", "val"):
+        a, b = (read_tokens(tmp_path / f"{name}-lf" / f"{split}.q0t").tokens for name in ("mixed", "plain"))
+        assert np.array_equal(a, b)
+    manifests = [json.loads((tmp_path / f"{n}-lf" / "manifest.json").read_text()) for n in ("mixed", "plain")]
+    assert manifests[0]["settings"]["newlines"] == "lf" and "newlines" not in manifests[1]["settings"]
+    assert main(mixed, "--tokenizer", "bytes", "--out", tmp_path / "kept", "--val-docs", "2", "--newlines", "keep") == 0
+    assert "note: line endings are mixed: 5 of 7 documents hold \\r" in capsys.readouterr().out
+    kept = np.concatenate([read_tokens(tmp_path / "kept" / f"{s}.q0t").tokens for s in ("train", "val")])
+    assert (kept == ord("\r")).sum() == 2 * 4 + 1  # two endings in each of 4 documents, one in the record
 
 
 def test_a_folder_of_blank_files_is_refused(tmp_path, capsys):

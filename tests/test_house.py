@@ -12,7 +12,7 @@ from conftest import REPO
 import q0_run
 import train_q0 as q0
 
-PROJECT = {"train_q0", "q0_run", "fit_prior", "eval", "sample", "import_slowrun", "data"}
+PROJECT = {"train_q0", "q0_run", "fit_prior", "eval", "tasks", "sample", "import_slowrun", "study", "data"}
 
 
 def imports_of(path) -> set[str]:
@@ -29,16 +29,21 @@ def imports_of(path) -> set[str]:
 def test_no_arrow_runs_back_up():
     """data/ stands on nothing of q0's; q0_run.py on data/ only; the trainer on both; the companions
     on q0_run and, for forward passes, the trainer (eval.py also refits the curve's prior with
-    fit_prior.py's solver; sample.py chooses an ensemble with eval.py's prior reader). Neither the
-    trainer nor q0_run imports a companion."""
+    fit_prior.py's solver and scores tasks.py's downstream tasks; sample.py chooses an ensemble with
+    eval.py's prior reader; study.py runs the others as commands and reads their files). Neither the
+    trainer nor q0_run imports a companion, and nothing imports study.py."""
     for path in (REPO / "data").glob("*.py"):
         assert imports_of(path) & PROJECT <= {"data"}, path
     assert imports_of(REPO / "q0_run.py") & PROJECT == {"data"}
     assert imports_of(REPO / "train_q0.py") & PROJECT == {"data", "q0_run"}
     assert imports_of(REPO / "fit_prior.py") & PROJECT <= {"data", "q0_run"}
-    assert imports_of(REPO / "eval.py") & PROJECT <= {"data", "q0_run", "train_q0", "fit_prior"}
+    assert imports_of(REPO / "eval.py") & PROJECT <= {"data", "q0_run", "train_q0", "fit_prior", "tasks"}
+    assert imports_of(REPO / "tasks.py") & PROJECT <= {"data", "q0_run", "train_q0"}
     assert imports_of(REPO / "sample.py") & PROJECT <= {"data", "q0_run", "train_q0", "eval"}
     assert imports_of(REPO / "tools" / "import_slowrun.py") & PROJECT <= {"data", "q0_run", "train_q0"}
+    assert imports_of(REPO / "study.py") & PROJECT <= {"data", "q0_run", "train_q0", "fit_prior", "eval"}
+    for path in [REPO / "train_q0.py", REPO / "q0_run.py", *REPO.glob("*.py"), *(REPO / "tools").glob("*.py")]:
+        assert "study" not in imports_of(path) or path.name == "study.py", path  # nothing stands on the study
 
 
 def loaded_after(statement: str) -> set[str]:
@@ -53,7 +58,7 @@ def test_what_each_floor_loads():
     only to run forward passes (--forward)."""
     data = loaded_after("import data.shards, data.text, data.fineweb, data.shakespeare, data.tokenizers")
     assert "torch" not in data and "train_q0" not in data
-    for statement in ("import q0_run", "import fit_prior", "import eval"):
+    for statement in ("import q0_run", "import fit_prior", "import eval", "import tasks"):
         assert "train_q0" not in loaded_after(statement), statement
 
 

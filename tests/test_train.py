@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -204,14 +205,39 @@ def test_optimizer_groups_and_weight_decay(flags):
 
 # --- data ------------------------------------------------------------------------------------
 
-def test_carve_fitness_takes_whole_documents_from_the_front():
+def test_carve_fitness_takes_whole_documents_then_the_head_of_one():
+    """Exactly --fitness-tokens: whole documents while they fit, then the head of the next one,
+    whose tail neither set gets (unless it is the corpus's last document: then it is the training
+    data, BOS first)."""
     tokens = np.array([0, 5, 6, 0, 7, 0, 8, 9, 9, 0, 4], dtype=np.uint16)
-    fitness, train = shards.carve_fitness(tokens, 0, 4)
+    fitness, train = shards.carve_fitness(tokens, 0, 5)           # documents end at 5
     assert fitness.tolist() == [0, 5, 6, 0, 7] and train.tolist() == [0, 8, 9, 9, 0, 4]
-    fitness, _ = shards.carve_fitness(tokens, 0, 1)               # at least one whole document
-    assert fitness.tolist() == [0, 5, 6]
-    with pytest.raises(UsageError, match="fitness"):
-        shards.carve_fitness(tokens, 0, 10)
+    fitness, train = shards.carve_fitness(tokens, 0, 4)           # the second document split: its tail unused
+    assert fitness.tolist() == [0, 5, 6, 0] and train.tolist() == [0, 8, 9, 9, 0, 4]
+    fitness, train = shards.carve_fitness(tokens, 0, 2)           # the head of the first document
+    assert fitness.tolist() == [0, 5] and train.tolist() == [0, 7, 0, 8, 9, 9, 0, 4]
+    one = np.array([0, 1, 2, 3, 4, 5, 6], dtype=np.uint16)        # one document: its tail is the training data
+    fitness, train = shards.carve_fitness(one, 0, 3)
+    assert fitness.tolist() == [0, 1, 2] and train.tolist() == [0, 3, 4, 5, 6]
+    for too_many in (10, 11, 20):
+        with pytest.raises(UsageError, match="fitness"):
+            shards.carve_fitness(tokens, 0, too_many)
+    # run format 3 and older, resumed: whole documents, at least --fitness-tokens
+    fitness, train = shards.carve_fitness(tokens, 0, 4, whole_documents=True)
+    assert fitness.tolist() == [0, 5, 6, 0, 7] and train.tolist() == [0, 8, 9, 9, 0, 4]
+    assert shards.carve_fitness(tokens, 0, 1, whole_documents=True)[0].tolist() == [0, 5, 6]
+
+
+def test_a_run_of_format_3_resumes_on_its_whole_document_fitness_set(tmp_path):
+    """Run formats 3 and older carved whole documents: such a run resumes on that carve, unless
+    its recorded fitness tokens are the new carve's (documents that ended at --fitness-tokens)."""
+    data = types.SimpleNamespace(describe={"fitness": {"sha256": "new"}})
+    for version, recorded, older in ((3, "old", True), (3, "new", False), (q0_run.RUN_VERSION, "old", False)):
+        run = tmp_path / f"v{version}-{recorded}"
+        run.mkdir()
+        (run / "run.json").write_text(q0_run.sealed_json({"version": version, "fitness": {"sha256": recorded}}))
+        assert q0_run._older_carve(run, data) is older
+    assert q0_run._older_carve(tmp_path / "new", data) is False
 
 
 def test_data_order_is_seeded_per_base_and_epoch_and_independent_of_processes():
