@@ -20,20 +20,18 @@ rerun verifies them and never overwrites them.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import platform
 import shlex
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data/python_docs.py`: make `data` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import text  # noqa: E402
-from data.shards import CHOICE, PATH, ArgumentParser, DataError, command, parse_checked, path_arg  # noqa: E402
+from data.shards import ArgumentParser, DataError, command, parse_checked  # noqa: E402
 from data.tokenizers import get_tokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -122,28 +120,20 @@ def build(tokenizer_name: str, out_root: Path = DEFAULT_OUT, stdlib: Path | None
                                 settings=dict(val=val), empty=len(topics) + len(modules) - len(docs), about=about)
 
 
-RANGES = {"tokenizer": CHOICE, "out": PATH}
+RANGES = text.CORPUS_RANGES
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", choices=("bytes", "gpt2"), default="bytes")
-    p.add_argument("--out", type=path_arg, default=DEFAULT_OUT,
-                   help="folder holding <tokenizer>/ (default: %(default)s)")
-    return p
+    return text.corpus_parser(__doc__, DEFAULT_OUT)
 
 
 @command
 def main(argv=None) -> int:
     args = parse_checked(build_parser(), RANGES, argv)
-    started = time.perf_counter()
-    try:
-        manifest, verified = build(args.tokenizer, args.out)
-    except OSError as e:  # what the file system refused (a full or read-only disk is a DiskError already)
-        raise text.os_error(e) from None
+    manifest, verified, seconds = text.build_corpus(build, args)
     for source in manifest["sources"]:
         print(f"{source['name']}: {source['docs']:,} documents, {source['bytes']:,} bytes")
-    text.report(args.out / args.tokenizer, manifest, verified, time.perf_counter() - started)
+    text.report(args.out / args.tokenizer, manifest, verified, seconds)
     print(f"next: python train_q0.py --preset cpu --data-dir {shlex.quote(str(args.out / args.tokenizer))}")
     return 0
 

