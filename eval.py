@@ -421,14 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def checked_flags(args) -> tuple[torch.device, set[str], int]:
-    """What the flags ask for, refused before any work: the device, the parts, the processes."""
+def checked_device(args) -> torch.device:
+    """--device as a torch device that exists here (eval.py, sample.py)."""
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device {args.device}: not a torch device; give cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here; give --device cpu")
+    return device
+
+
+def checked_flags(args) -> tuple[torch.device, set[str], int]:
+    """What the flags ask for, refused before any work: the device, the parts, the processes."""
+    device = checked_device(args)
     parts = set(args.parts.split(","))
     if not parts <= set(PARTS):
         raise UsageError(f"--parts {args.parts}: choose from {','.join(PARTS)}")

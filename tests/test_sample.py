@@ -1,9 +1,11 @@
 """Incremental decoding (train_q0.KVCache) against the full forward, and sample.py: the next-token
 distribution, seeds, greedy decoding, the ensemble, a student run, two processes, bad input."""
+import argparse
 import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from test_prior import assert_clean_error, cli
 import q0_run
 import sample
 import train_q0 as q0
+from data import shards
 
 real_run = test_eval.real_run  # the fixture: a tiny run of 2 bases x 2 cycles and its prior (fit_prior.py)
 
@@ -195,7 +198,7 @@ def test_greedy_decoding_is_the_argmax_of_the_full_forward(real_run):
     args = sample.build_parser().parse_args([str(real_run), "--tokens", "70", "--temperature", "0", "--prompt", "KING"])
     context = sample.prompt_tokens(args, member.run, 32)
     ens = sample.Ensemble([(member, 1.0)], 0.0, torch.device("cpu"))
-    drawn = sample.generate(ens, context, args, 32)
+    drawn = sample.generate(ens, torch.tensor([context]), args, 32, torch.Generator())
     assert drawn[0].tolist() == greedy_reference(model, context, 70, 32)
     # 69 tokens fed back (the last is not), three of them as restarts from the last 16 tokens
     assert ens.forward_tokens == len(context) + (69 - 3) + 3 * 16
@@ -256,3 +259,116 @@ def test_bad_input_is_one_line(real_run, tmp_path):
         r = cli("sample.py", *args)
         assert_clean_error(r, *words)
         assert r.returncode == 2 and r.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# --write-data: sampled-text distillation's data folder (the 4-member ensemble of mixed_prior)
+# ---------------------------------------------------------------------------------------------
+
+# 5 documents of BOS + 8 prompt tokens + 30 drawn, 2 side by side: 39 tokens > seq_len 32, so every
+# row's caches restart once (from the last 16 tokens)
+WRITE = ["--samples", "5", "--tokens", "30", "--prompt-tokens", "8", "--batch", "2"]
+
+
+def written(real_run, prior, out, *flags) -> dict:
+    r = cli("sample.py", real_run, "--prior", prior, "--write-data", out, *WRITE, *flags)
+    assert r.returncode == 0, r.stderr
+    assert "plain epochs of the population" in r.stdout and f"--data-dir {out}" in r.stdout
+    return json.loads((out / "manifest.json").read_text())
+
+
+def student_data(real_run, manifest: dict) -> q0_run.RunData:
+    """The folder as a student loads it: the members' flags, then the flags the command printed."""
+    flags = json.loads((real_run / "run.json").read_text())["population_config"]
+    given = dict(zip(manifest["student_flags"][::2], manifest["student_flags"][1::2]))
+    return q0_run.load_data(argparse.Namespace(**{**flags, "data_dir": given["--data-dir"],
+                                                  "fitness_tokens": int(given["--fitness-tokens"]),
+                                                  "train_tokens": int(given["--train-tokens"])}))
+
+
+def test_write_data_keeps_the_members_tokens_then_adds_documents_from_real_prompts(real_run, mixed_prior,
+                                                                                   small_data, tmp_path):
+    manifest = written(real_run, mixed_prior, tmp_path / "d")
+    run = json.loads((real_run / "run.json").read_text())
+    data, T = student_data(real_run, manifest), run["train"]["tokens"]
+    # the fitness set, training tokens and validation tokens the members' run recorded, bit for bit
+    assert data.describe["fitness"]["sha256"] == run["fitness"]["sha256"]
+    assert shards.tokens_sha256(data.train[:T]) == run["train"]["sha256"]
+    assert data.describe["val"]["sha256"] == run["val"]["sha256"]
+    assert (tmp_path / "d" / "val.q0t").read_bytes() == (small_data / "val.q0t").read_bytes()
+    q0_run.distil_members(mixed_prior, 4, data, 32)  # a student's --distil-from accepts the folder
+    added, real = data.train[T:], data.train[:T]
+    docs = np.split(added, np.flatnonzero(added == 0))[1:]               # each from its BOS
+    windows = {tuple(real[i:i + 8]) for i in range(T - 7)}
+    assert added[0] == 0 and len(docs) == 5 and added.size == manifest["sampled"]["added_tokens"]
+    for doc in docs:  # BOS, a real prompt from inside one training document, then drawn tokens
+        assert 9 <= doc.size <= 39 and tuple(doc[1:9]) in windows and 0 not in doc[1:9]
+    assert manifest["sampled"]["drawn_tokens"] == added.size - 5 * 9 == manifest["sampled"]["sampled_bytes"]
+    assert sorted(m["weight"] for m in manifest["sampled"]["members"]) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+def test_write_data_draws_the_continuation_from_the_model(real_run, tmp_path):
+    """Greedy, from one snapshot: every document continues its prompt as the full forward's argmax does
+    (the restart past seq_len included), up to a drawn BOS."""
+    member = next(m for m in q0_run.load_population([real_run]) if m.record["id"] == "b0c2")
+    model = q0.load_snapshot_model(member.run_dir, member.record)
+    r = cli("sample.py", real_run, "--snapshot", "b0c2", "--temperature", "0", "--write-data", tmp_path / "g", *WRITE)
+    assert r.returncode == 0, r.stderr
+    data = student_data(real_run, json.loads((tmp_path / "g" / "manifest.json").read_text()))
+    added = data.train[json.loads((real_run / "run.json").read_text())["train"]["tokens"]:]
+    for doc in np.split(added, np.flatnonzero(added == 0))[1:]:
+        greedy = sample.until_bos(greedy_reference(model, doc[:9].tolist(), 30, 32), 0)
+        assert doc[9:].tolist() == greedy
+
+
+def test_write_data_is_reproducible_by_seed(real_run, mixed_prior, tmp_path):
+    sha = [written(real_run, mixed_prior, tmp_path / name, "--seed", seed)["files"]["train.q0t"]["payload_sha256"]
+           for name, seed in (("a", "3"), ("b", "3"), ("c", "4"))]  # the tokens (the file records its command)
+    assert sha[0] == sha[1] != sha[2]
+
+
+def test_write_data_counts_its_cost_on_the_epoch_axis(real_run, mixed_prior, tmp_path, monkeypatch):
+    """The member forward tokens are the ones the members ran (counted at GPT.hidden), the FLOPs
+    they really ran within 2% of what it records, and a plain epoch's FLOPs the training tokens'
+    at the plan's FLOPs per token of a plain step (--dry-run's trace)."""
+    run = json.loads((real_run / "run.json").read_text())
+    fed, hidden = [], q0.GPT.hidden
+
+    def counting(self, idx, seeds=None, cache=None):
+        if cache is not None:  # a prefill or a cached step of sampling
+            fed.append(idx.numel())
+        return hidden(self, idx, seeds, cache)
+    monkeypatch.setattr(q0.GPT, "hidden", counting)
+    sample.flops_per_token(json.dumps(run["model"], sort_keys=True))  # counted before the run below, not in it
+    with sample.counting_flops() as ran:
+        cost = written(real_run, mixed_prior, tmp_path / "d")["sampled"]
+    # per row and member: the prefill of 9, 28 cached steps, one restart from the last 16 tokens
+    assert cost["member_forward_tokens"] == sum(fed) == 4 * 5 * (9 + 28 + 16)
+    assert 1 < ran.get_total_flops() / cost["forward_flops"] < 1.02  # IHA's weights, mixed at every cached step
+    args = argparse.Namespace(**{**vars(q0.parse_args([])), **run["population_config"]})
+    plan = q0_run.trace_step(q0, q0.GPTConfig(**run["model"]), args, 1, False, False, memory=False)
+    assert cost["plain_epoch_flops"] == run["train"]["tokens"] * plan["student_flops_per_token"]
+    assert cost["plain_epochs"] == pytest.approx(cost["forward_flops"] / cost["plain_epoch_flops"], rel=1e-12)
+
+
+def test_training_prompts_never_cross_a_document_boundary():
+    train = np.array([0, 5, 6, 7, 0, 8, 9, 0, 1, 2])
+    prompts = sample.training_prompts(train, 0, 50, 2, seed=1)
+    assert {tuple(p) for p in prompts} == {(5, 6), (6, 7), (8, 9), (1, 2)}
+    assert (prompts == sample.training_prompts(train, 0, 50, 2, seed=1)).all()
+    with pytest.raises(sample.UsageError, match="--prompt-tokens 4: the training tokens hold no 4 in a row"):
+        sample.training_prompts(train, 0, 1, 4, seed=1)
+
+
+def test_write_data_refuses_bad_input_in_one_line(real_run, mixed_prior, tmp_path):
+    out = tmp_path / "new"
+    base = [real_run, "--prior", mixed_prior]
+    for args, words in [((*base, "--write-data", tmp_path), (str(tmp_path), "never overwritten", "--write-data")),
+                        ((*base, "--write-data", out, "--prompt", "KING"), ("--prompt", "drop --prompt")),
+                        ((*base, "--prompt-tokens", "8"), ("--prompt-tokens", "give --write-data")),
+                        ((*base, "--write-data", out, "--prompt-tokens", "32"), ("--prompt-tokens 32", "seq_len")),
+                        ((*base, "--write-data", ""), ("--write-data", "empty path")),
+                        ((*base, "--write-data", out, "--batch", "0"), ("--batch 0",))]:
+        r = cli("sample.py", *args)
+        assert_clean_error(r, *words)
+        assert r.returncode == 2 and r.stdout == "" and not out.exists()
