@@ -54,16 +54,18 @@ PRESETS = {
     # buckets, a bf16 teacher and the allocator's slack counted, the --dry-run plan puts 2 sequences
     # of 2048 over an H100's 79.6 GiB and 1 at 58 GiB; checkpointing 2 costs ~1/3 more compute.
     "slowrun": dict(device_batch=1),
-    # README's main job: bytes-level Shakespeare, 32K training tokens (the fitness set is the first
-    # play, exactly its 99,743 tokens, as every CPU record so far has it), so a 1.2M-parameter
-    # model overfits within the 16-epoch budget: the data-limited regime q0 is for. One base: 6 epochs, then five 2-epoch cycles distilling. The record's
+    # README's main job: bytes-level Shakespeare, 32K training tokens, so a 1.2M-parameter model
+    # overfits within the 16-epoch budget: the data-limited regime q0 is for. The fitness set is
+    # the first 32,768 tokens of the first play: priors within 0.001 nats of the whole play's
+    # (99,743 tokens, every CPU record before 2026-12-05) at half the scoring
+    # (records/2026-12-05_fitness-size-cpu). One base: 6 epochs, then five 2-epoch cycles distilling. The record's
     # architecture with two choices measured at this scale (--epochs 16, seed 0, q0 prior loss;
     # records/2026-11-24_record-model-cpu): modded-nanogpt's zero init of the residual branches
     # (1.9912 against 2.0612 with the record's init) and no layer looping (2.0661 looping layer 2
     # four more times, 1.5x the time, against 2.0612).
     "cpu": dict(
         data_dir="data/shakespeare/bytes", n_layer=4, d_model=128, n_head=4, mlp_hidden=384,
-        seq_len=128, short_window=64, batch_seqs=32, device_batch=8, fitness_tokens=99743,
+        seq_len=128, short_window=64, batch_seqs=32, device_batch=8, fitness_tokens=32768,
         train_tokens=32768, val_tokens=32768, bases=1, cycles=6, cycle_epochs=2.0,
         first_cycle_epochs=6.0, distil_from_cycle=2, lr_matrix=0.02, lr_embed=0.05,
         lr_head=0.004, lr_scalar=0.02, weight_decay=0.2, eval_batch=32,
