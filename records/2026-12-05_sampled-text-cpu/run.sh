@@ -5,6 +5,7 @@
 # Every step is skipped when its output exists and resumes when cut off (the trainer resumes when
 # rerun with the same command), so rerunning this script finishes whatever is left.
 set -euo pipefail
+# --fitness-tokens 99743: the cpu preset's fitness set when this ran (the whole first play; it carves 32,768 since)
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-runs/sampled-text}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -13,7 +14,7 @@ SEEDS=${*:-0 1}
 for S in $SEEDS; do
   POP=$RUNS/q0-e64-s$S DATA=$RUNS/data-sampled-s$S STUDENT=st-e64-s$S-sampled
   # the population, its prior and its evaluation (records/2026-11-23_shakespeare-cpu/study.py's q0 runs)
-  [ -f "$POP/manifest.json" ] || python train_q0.py --preset cpu --epochs 64 --seed "$S" --runs-dir "$RUNS" \
+  [ -f "$POP/manifest.json" ] || python train_q0.py --preset cpu --fitness-tokens 99743 --epochs 64 --seed "$S" --runs-dir "$RUNS" \
     --run-name "q0-e64-s$S"
   [ -f "$POP/prior.json" ] || python fit_prior.py "$POP"
   [ -f "$POP/eval.json" ] || python eval.py "$POP" --prior "$POP/prior.json"
@@ -25,7 +26,7 @@ for S in $SEEDS; do
   # 32-epoch student on the 32,768 real bytes (fewer epochs of the larger data)
   TOKENS=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['student_flags'][-1])" "$DATA/manifest.json")
   EPOCHS=$(python -c "print(f'{32 * 32768 / $TOKENS:.4f}')")
-  [ -f "$RUNS/$STUDENT/manifest.json" ] || python train_q0.py --preset cpu --runs-dir "$RUNS" --run-name "$STUDENT" \
+  [ -f "$RUNS/$STUDENT/manifest.json" ] || python train_q0.py --preset cpu --fitness-tokens 99743 --runs-dir "$RUNS" --run-name "$STUDENT" \
     --distil-from "$POP/prior.json" --seed "$S" --distil-k 8 --epochs "$EPOCHS" --distil-alpha 0.8 \
     --data-dir "$DATA" --train-tokens "$TOKENS"
   # the student (its last snapshot, 1 forward pass) beside the population's ensembles
