@@ -183,8 +183,8 @@ def test_bad_folders_are_one_line(small_data, tmp_path, capsys):
     tiny = ["--preset", "tiny", "--data-dir", str(small_data)]
     assert study.main([*tiny, "--runs-dir", str(tmp_path / "a-file"), "--", *TINY[2:]]) == 2
     one_error(capsys, "--runs-dir", "is a file")
-    assert study.main(["--data-dir", str(small_data), "--runs-dir", str(tmp_path)]) == 2  # the cpu preset's carve
-    one_error(capsys, "--fitness-tokens")
+    assert study.main(["--data-dir", str(small_data), "--runs-dir", str(tmp_path)]) == 2  # the cpu preset's sizes
+    one_error(capsys, "--val-tokens 32768 exceeds")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
