@@ -1241,7 +1241,7 @@ SLOWRUN_SPLIT = dict(train=100_000_000, val=10_000_000, vocab=50257)  # assumed 
 GIB = 2 ** 30
 
 
-def _flop_formulas() -> dict:
+def flop_formulas() -> dict:
     """FLOPs of the CPU SDPA kernel the trace runs into (FlopCounterMode knows the CUDA ones)."""
     from torch.utils import flop_counter as fc
     aten = torch.ops.aten
@@ -1261,7 +1261,7 @@ def trace_step(exp: Experiment, cfg, args, device_batch: int, checkpoint: bool, 
     part) the peak memory of weights, gradients, optimiser state, teacher and activations together.
     `teacher_dtype`: the dtype the run holds its teacher in (held_dtype); `ddp`: the gradients live
     all run in DDP's buckets (a group of several processes), not only from the backward on."""
-    formulas, flops, cpu, kernels = _flop_formulas(), {}, torch.device("cpu"), dict(exp.KERNELS)
+    formulas, flops, cpu, kernels = flop_formulas(), {}, torch.device("cpu"), dict(exp.KERNELS)
     exp.KERNELS["autocast"] = "bf16"  # the training code's own autocast, on the CPU
     try:
         return _trace(exp, cfg, args, device_batch, checkpoint, distill, memory, formulas, flops, cpu,

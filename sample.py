@@ -291,7 +291,7 @@ def sampled_documents(ens: Ensemble, prompts: np.ndarray, args, seq_len: int, bo
 
 def counting_flops() -> FlopCounterMode:
     """FLOPs of what runs inside, counted as the --dry-run plan counts them (its formulas)."""
-    return FlopCounterMode(display=False, custom_mapping=q0_run._flop_formulas())
+    return FlopCounterMode(display=False, custom_mapping=q0_run.flop_formulas())
 
 
 @functools.lru_cache
