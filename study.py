@@ -58,13 +58,18 @@ STAGES = ("single", "allocations", "baseline", "q0", "report")
 DEFAULT_BUDGETS = [1, 2, 4, 8, 16, 32, 64]
 SINGLE_EXTRA = (6, 10, 12, 14)  # finer points near the cpu preset's single-model optimum (12 epochs)
 BASELINE_SEED0 = 100            # baseline members: seeds 100+, group g at 100 + 1000 g (disjoint from q0's)
-ALLOCATIONS = {                 # budget -> (bases, first-cycle epochs, cycle epochs) tried (the 2026-11-23 search)
+ALLOCATIONS = {                 # budget -> (bases, first-cycle epochs, cycle epochs) tried at seed 0
+    # 1 to 4: the 2026-11-23 search's layouts (records/2026-11-23_shakespeare-cpu). 8 to 64: the search
+    # with the record's model (records/2026-12-05_two-corpora-cpu), the recipe's layout first, then a
+    # first cycle nearer the single model's best (12 to 16 epochs on both corpora), longer or shorter
+    # cycles, and a second base.
     1: [(1, 0.5, 0.25), (1, 0.5, 0.5)],
     2: [(1, 1, 0.5), (1, 1, 0.25), (1, 1.5, 0.25)],
     4: [(1, 2, 0.5), (1, 2, 1), (1, 1, 0.5), (1, 3, 0.5)],
-    16: [(1, 8, 2), (1, 6, 2), (1, 4, 2), (1, 8, 1), (1, 12, 1), (1, 12, 2), (1, 8, 4)],
-    32: [(1, 8, 2), (1, 8, 1), (2, 8, 1)],
-    64: [(1, 8, 2), (1, 12, 2), (1, 16, 2), (1, 8, 4), (1, 8, 1), (2, 8, 2), (2, 8, 1), (4, 8, 1)],
+    8: [(1, 4, 1), (1, 6, 1), (1, 4, 0.5)],
+    16: [(1, 8, 1), (1, 12, 1), (1, 8, 2), (1, 6, 1), (1, 12, 0.5)],
+    32: [(1, 8, 1), (1, 12, 1), (1, 8, 2), (2, 8, 1)],
+    64: [(2, 8, 1), (2, 12, 1)],
 }
 # train_q0.py flags the study sets for each run, or without which its numbers mean nothing (eval.py
 # reads the validation caches): refused after `--`.
@@ -404,21 +409,41 @@ def allocation_trials(study: Study) -> dict:
     return {b: trials for b, trials in ALLOCATIONS.items() if b in study.budgets and study.allocations}
 
 
+def recipe_trial(study: Study, epochs: float) -> tuple | None:
+    """The recipe's layout at this budget as an allocation trial (None for one cycle: no layout)."""
+    r = train_q0.recipe(epochs, train_q0.RECIPES[study.preset])
+    return (r["bases"], r["first_cycle_epochs"], r["cycle_epochs"]) if r["cycles"] > 1 else None
+
+
+def q0_flags(epochs: float, seed: int) -> list[str]:
+    return ["--epochs", fmt(epochs), "--seed", str(seed)]
+
+
+def trial_run(study: Study, budget: float, trial: tuple) -> tuple[str, list[str]]:
+    """An allocation trial's run and its flags. The recipe's layout is the run `--epochs B --seed 0`
+    trains (the same layout, the same seed): when the q0 stage finished that run first (a study that
+    adds the search later), the trial is that run, not a second copy of it."""
+    q0 = f"q0-e{fmt(budget)}-s0"
+    if trial == recipe_trial(study, budget) and not (study.runs / alloc_name(budget, *trial) / "manifest.json").is_file() \
+            and finished(study, q0, q0_flags(budget, 0)):
+        return q0, q0_flags(budget, 0)
+    return alloc_name(budget, *trial), layout_flags(*trial, budget) + ["--seed", "0"]
+
+
 def stage_allocations(study: Study) -> dict:
     trials = allocation_trials(study)
-    train_all(study, [(alloc_name(b, *t), layout_flags(*t, b) + ["--seed", "0"])
-                      for b in sorted(trials, reverse=True) for t in trials[b]])
-    return {fmt(b): [{"bases": p, "first": f, "cycle": c, **q0_result(study, study.runs / alloc_name(b, p, f, c), 1)}
+    runs = {(b, t): trial_run(study, b, t) for b in trials for t in trials[b]}
+    train_all(study, [runs[b, t] for b in sorted(trials, reverse=True) for t in trials[b]])
+    return {fmt(b): [{"bases": p, "first": f, "cycle": c, **q0_result(study, study.runs / runs[b, (p, f, c)][0], 1)}
                      for p, f, c in ts] for b, ts in trials.items()}
 
 
 def q0_run_name(study: Study, epochs: float, seed: int) -> str:
     """An allocation run with the recipe's layout and seed 0 is the run `--epochs E --seed 0`
     trains (the same layout, the same seed): it is reused rather than trained twice."""
-    r = train_q0.recipe(epochs, train_q0.RECIPES[study.preset])
-    trial = (r["bases"], r["first_cycle_epochs"], r["cycle_epochs"])
-    alloc = alloc_name(epochs, *trial)
-    if seed == 0 and trial in allocation_trials(study).get(epochs, []) and r["cycles"] > 1 \
+    trial = recipe_trial(study, epochs)
+    alloc = alloc_name(epochs, *trial) if trial else None
+    if seed == 0 and trial in allocation_trials(study).get(epochs, []) \
             and (study.runs / alloc / "manifest.json").is_file():
         return alloc
     return f"q0-e{fmt(epochs)}-s{seed}"
@@ -426,7 +451,7 @@ def q0_run_name(study: Study, epochs: float, seed: int) -> str:
 
 def stage_q0(study: Study, baseline: dict) -> dict:
     names = {(e, s): q0_run_name(study, e, s) for e in study.budgets for s in study.seeds}
-    train_all(study, [(names[e, s], ["--epochs", fmt(e), "--seed", str(s)])
+    train_all(study, [(names[e, s], q0_flags(e, s))
                       for e in sorted(study.budgets, reverse=True) for s in study.seeds
                       if names[e, s].startswith("q0-")])
     k_most = max(len(baseline["by_members"]), 1)  # every baseline member count, on every budget's curve

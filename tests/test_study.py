@@ -235,9 +235,9 @@ def in_process(script: str, args: list[str], log) -> int:
     return result.returncode
 
 
-def study_argv(data, runs, workers=1):
+def study_argv(data, runs, workers=1, *flags):
     return ["--preset", "tiny", "--data-dir", data, "--runs-dir", runs, "--budgets", "1", "2", "--seeds", "0",
-            "--workers", workers, "--", *TINY[2:]]
+            "--workers", workers, *flags, "--", *TINY[2:]]
 
 
 def check_report(data, runs):
@@ -262,23 +262,26 @@ def check_report(data, runs):
 
 
 def test_the_whole_study_in_process(small_data, tmp_path, monkeypatch):
-    """Every stage on the tiny preset (2 budgets, 1 seed), each command in this process; then a
-    rerun reuses every finished run and resumes the one cut before its end. Twin of
+    """Every stage on the tiny preset (2 budgets, 1 seed), each command in this process, first
+    without the allocation search; then a rerun with it reuses every finished run, the recipe's
+    own layout included, and resumes the one cut before its end. Twin of
     test_the_whole_study_as_a_command (40 to 60 s on 2 shared cores, 30 s of CPU)."""
     monkeypatch.setattr(study, "run_script", in_process)
     data, runs = small_data, tmp_path / "runs"
-    first = run_command("study.py", *study_argv(data, runs))
+    first = run_command("study.py", *study_argv(data, runs, 1, "--no-allocations"))
     assert first.returncode == 0, first.stderr[-3000:]
     s = check_report(data, runs)
-    assert s["q0"]["2"][0]["run"] == "alloc-e2-p1-f1-c0.25"  # the recipe's layout was an allocation: reused
-    assert len(s["allocations"]["1"]) == 2 and len(s["allocations"]["2"]) == 3
+    assert s["q0"]["2"][0]["run"] == "q0-e2-s0" and not s["allocations"]
     (runs / "q0-e1-s0" / "manifest.json").unlink()  # stopped after its last snapshot, before the manifest
     again = run_command("study.py", *study_argv(data, runs))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert [line for line in again.stdout.splitlines() if line.startswith("training ")] == \
-        [f"training q0-e1-s0 (output: {runs / 'q0-e1-s0'}.out)"]  # the others finished: reused
+    trained = [line.split()[1] for line in again.stdout.splitlines() if line.startswith("training ")]
+    assert sorted(trained) == ["alloc-e1-p1-f0.5-c0.25", "alloc-e1-p1-f0.5-c0.5", "alloc-e2-p1-f1-c0.5",
+                               "alloc-e2-p1-f1.5-c0.25", "q0-e1-s0"]  # the recipe's layout at 2: q0-e2-s0
     assert "resumed" in (runs / "q0-e1-s0.out").read_text()
-    assert json.loads((runs / "report" / "study.json").read_text())["table"] == s["table"]
+    s2 = check_report(data, runs)
+    assert [t["run"] for t in s2["allocations"]["2"]] == ["alloc-e2-p1-f1-c0.5", "q0-e2-s0", "alloc-e2-p1-f1.5-c0.25"]
+    assert s2["q0"]["2"][0]["run"] == "q0-e2-s0" and s2["table"] == s["table"]
 
 
 @pytest.mark.slow
