@@ -20,10 +20,14 @@ Stages, in order (each needs the ones before it):
                seeds 100+; the baseline of m members is the uniform average of a group's first m,
                for m = 1 .. largest budget / E*. At a budget below E*: the single model of that budget.
   q0           `train_q0.py --epochs E` (the recipe), every seed; fit_prior.py, then eval.py.
+  students     each seed's q0 population at --student-budgets (default: the largest budget) distilled
+               into one model, `train_q0.py --distil-from <run>/prior.json --distil-k 8 --epochs
+               --student-epochs` (records/2026-11-24_distil-cpu's recipe): one forward pass.
   report       study.json, study.md and study.png (with matplotlib) in --out (default <runs-dir>/report):
                every method per budget; q0's epochs to match the baseline of every member count m
                and their ratio, with its learned prior and held to K = m forward passes; q0 at K =
-               the baseline's members minus the baseline at every budget.
+               the baseline's members minus the baseline at every budget; the students against the
+               baseline's best member (one forward pass each).
 
 Selection is never made on validation data: E* and the prior are chosen on the fitness set (the
 front of the training shard, never trained on); validation numbers are only reported.
@@ -54,9 +58,10 @@ from data.shards import (CHOICE, PATH, SWITCH, ArgumentParser, UsageError, at_le
                          path_arg)
 
 ROOT = Path(__file__).resolve().parent
-STAGES = ("single", "allocations", "baseline", "q0", "report")
+STAGES = ("single", "allocations", "baseline", "q0", "students", "report")
 DEFAULT_BUDGETS = [1, 2, 4, 8, 16, 32, 64]
 SINGLE_EXTRA = (6, 10, 12, 14)  # finer points near the cpu preset's single-model optimum (12 epochs)
+STUDENT_K = 8                   # the student's teacher: the prior's 8 heaviest snapshots (records/2026-11-24_distil-cpu)
 BASELINE_SEED0 = 100            # baseline members: seeds 100+, group g at 100 + 1000 g (disjoint from q0's)
 ALLOCATIONS = {                 # budget -> (bases, first-cycle epochs, cycle epochs) tried at seed 0
     # 1 to 4: the 2026-11-23 search's layouts (records/2026-11-23_shakespeare-cpu). 8 to 64: the search
@@ -91,6 +96,8 @@ class Study:
     single_max: float       # 0: no limit
     groups: int             # baseline groups
     allocations: bool
+    student_budgets: list[float]
+    student_epochs: float
     extra: list[str]        # train_q0.py flags after `--`
     data: q0_run.RunData    # the tokens every run trains and is scored on, checked once up front
     corpus: dict
@@ -226,8 +233,10 @@ def call(script: str, args, log: Path, what: str):
 
 
 def train_argv(study: Study, name: str, flags: list[str]) -> list[str]:
-    return ["--preset", study.preset, "--data-dir", str(study.data_dir), "--runs-dir", str(study.runs),
-            "--run-name", name, *flags, *study.extra]
+    """A run's train_q0.py flags; a name with a folder (students/st-e64-s0) puts it in that folder of the runs."""
+    where = study.runs / name
+    return ["--preset", study.preset, "--data-dir", str(study.data_dir), "--runs-dir", str(where.parent),
+            "--run-name", where.name, *flags, *study.extra]
 
 
 def finished(study: Study, name: str, flags: list[str]) -> bool:
@@ -237,8 +246,13 @@ def finished(study: Study, name: str, flags: list[str]) -> bool:
     if not (run_dir / "manifest.json").is_file():
         return False
     args = train_q0.parse_args(train_argv(study, name, flags))
+    teacher = None
+    if args.distil_from:  # a student: its teacher's members are part of its population
+        teacher = q0_run.teacher_record(q0_run.distil_members(Path(args.distil_from), args.distil_k, study.data,
+                                                              args.seq_len)[1])
     try:
-        q0_run.check_same_run(run_dir, q0_run.population_config(args, train_q0.NON_POPULATION_FLAGS), study.data)
+        q0_run.check_same_run(run_dir, q0_run.population_config(args, train_q0.NON_POPULATION_FLAGS, teacher),
+                              study.data)
     except UsageError as e:
         raise UsageError(f"{e} (for the study: rerun it with the flags it ran with, or give it another "
                          f"--runs-dir)") from None
@@ -334,6 +348,8 @@ def stage_baseline(study: Study, single: dict) -> dict:
     groups = [[BASELINE_SEED0 + g * 1000 + m for m in range(most)] for g in range(study.groups or len(study.seeds))]
     train_all(study, [(member_name(e_star, s), single_flags(e_star, s)) for grp in groups for s in grp])
     spent = snapshots(study.runs / member_name(e_star, groups[0][0]))[0]["base_epochs"]  # every member's schedule
+    members = {str(s): {k: snapshots(study.runs / member_name(e_star, s))[0][f"{k}_loss"] for k in ("val", "fitness")}
+               for grp in groups for s in grp}
     by_members = {}
     for m in range(1, most + 1):
         vals = [ensemble_loss(study, e_star, g, grp[:m]) for g, grp in enumerate(groups)]
@@ -347,7 +363,7 @@ def stage_baseline(study: Study, single: dict) -> dict:
         else:
             budgets[fmt(b)] = {**by_members[str(m)], "member_epochs": e_star}
     return {"member_epochs": e_star, "member_epochs_spent": spent, "groups": groups, "by_members": by_members,
-            "budgets": budgets}
+            "budgets": budgets, "members": members}
 
 
 def ensemble_loss(study: Study, e_star: float, group: int, seeds: list[int]) -> float:
@@ -458,6 +474,24 @@ def stage_q0(study: Study, baseline: dict) -> dict:
     return {fmt(e): [q0_result(study, study.runs / names[e, s], k_most) for s in study.seeds] for e in study.budgets}
 
 
+def student_name(budget: float, seed: int) -> str:
+    return f"students/st-e{fmt(budget)}-s{seed}"
+
+
+def stage_students(study: Study, q0: dict):
+    """One student per seed of each --student-budgets population: an ordinary run that learns from
+    the prior's STUDENT_K heaviest snapshots (or all of them, in a smaller population)."""
+    (study.runs / "students").mkdir(exist_ok=True)
+    jobs = []
+    for b in study.student_budgets:
+        for s, r in zip(study.seeds, q0[fmt(b)]):
+            prior = study.runs / r["run"] / "prior.json"
+            k = max(x["K"] for x in read_json(prior)["budgets"] if x["K"] <= STUDENT_K)
+            jobs.append((student_name(b, s), ["--distil-from", str(prior), "--distil-k", str(k),
+                                              "--epochs", fmt(study.student_epochs), "--seed", str(s)]))
+    train_all(study, jobs)
+
+
 # ---------------------------------------------------------------------------------------------
 # The arithmetic: epochs to match, and the comparison at equal inference cost
 # ---------------------------------------------------------------------------------------------
@@ -537,7 +571,7 @@ def students(study: Study, budget: str, q0_results: list[dict]) -> dict | None:
     plus the student's own up to that snapshot."""
     out = {"val": [], "epochs": []}
     for s, r in zip(study.seeds, q0_results):
-        path = study.runs / "students" / f"st-e{budget}-s{s}" / "manifest.json"
+        path = study.runs / student_name(float(budget), s) / "manifest.json"
         if not path.is_file():
             return None
         pick = min(read_json(path)["snapshots"], key=lambda x: x["fitness_loss"])
@@ -560,6 +594,22 @@ def table_row(study: Study, b: str, single: dict, baseline: dict, q0: dict) -> d
             "equal_cost": equal_cost(k_match, base["val"])}
 
 
+def one_pass(study: Study, baseline: dict, rows: list[dict]) -> list[dict]:
+    """The paper's one-model comparison at each budget with students: the student against the
+    baseline's best member, picked per group by fitness loss (as a user would pick, without
+    validation), each one forward pass."""
+    picks = [min(grp, key=lambda m: baseline["members"][str(m)]["fitness"]) for grp in baseline["groups"]]
+    member = paired([baseline["members"][str(m)]["val"] for m in picks], len(study.seeds))
+    out = []
+    for r in rows:
+        if r["student"]:
+            out.append({"budget": r["budget"], "student": r["student"]["val"], "student_epochs": r["student"]["epochs"],
+                        "best_member": member, "best_member_seeds": picks, "group_members": len(baseline["groups"][0]),
+                        "student_minus_member": [a - b for a, b in zip(r["student"]["val"], member)],
+                        "q0_prior": r["q0_prior"], "q0_prior_forward_passes": r["q0_prior_forward_passes"]})
+    return out
+
+
 def parameters(run_dir: Path) -> int | None:
     found = re.search(r"\] ([\d,]+) parameters", (run_dir / "log.txt").read_text(errors="replace"))
     return int(found.group(1).replace(",", "")) if found else None
@@ -576,7 +626,7 @@ def report(study: Study, single: dict, baseline: dict, allocations: dict | None,
                "budgets": study.budgets, "seeds": study.seeds, "runs_dir": str(study.runs),
                "parameters": parameters(study.runs / top[0]["run"]), "single": single, "baseline": baseline,
                "allocations": allocations, "q0": q0, "table": rows, "ratios": ratios, "best_baseline_members": best_m,
-               "plot": None}
+               "one_pass": one_pass(study, baseline, rows), "plot": None}
     study.out.mkdir(parents=True, exist_ok=True)
     summary["plot"] = plot(summary, study.out / "study.png")
     shards.atomic_write_text(study.out / "study.json", json.dumps(summary, indent=1) + "\n")
@@ -694,6 +744,25 @@ def equal_cost_lines(s: dict) -> list[str]:
     return out
 
 
+def one_pass_lines(s: dict) -> list[str]:
+    if not s["one_pass"]:
+        return []
+    e_star = fmt(s["baseline"]["member_epochs"])
+    out = ["", "## One forward pass: the student against the baseline's best member", "",
+           f"The student learns from its population's 8 heaviest snapshots; the member is the one of its group's "
+           f"{s['one_pass'][0]['group_members']} {e_star}-epoch members with the lowest fitness loss (seeds "
+           f"{', '.join(map(str, s['one_pass'][0]['best_member_seeds']))}). Epochs: the student's population plus "
+           f"its own; the member's own {e_star} (its group cost {s['one_pass'][0]['group_members']} x {e_star}).", "",
+           "| budget | q0 student, 1 forward pass (epochs) | best baseline member, 1 forward pass | student - member, "
+           "per seed | q0, prior (forward passes) |", "|---|---|---|---|---|"]
+    for r in s["one_pass"]:
+        per_seed = ", ".join(f"s{seed} {signed(d)}" for seed, d in zip(s["seeds"], r["student_minus_member"]))
+        out.append(f"| {fmt(r['budget'])} | {spread(r['student'])} ({mean(r['student_epochs']):.1f}) | "
+                   f"{spread(r['best_member'])} | {per_seed} | {spread(r['q0_prior'])} "
+                   f"({'/'.join(map(str, r['q0_prior_forward_passes']))}) |")
+    return out
+
+
 def allocation_lines(s: dict) -> list[str]:
     if not s["allocations"]:
         return []
@@ -708,8 +777,8 @@ def allocation_lines(s: dict) -> list[str]:
 
 def markdown(s: dict) -> str:
     figure = ["", "![loss against epoch budget](study.png)" if s["plot"] == "study.png" else f"No figure: {s['plot']}."]
-    return "\n".join(setup_lines(s) + main_table(s) + ratio_lines(s) + equal_cost_lines(s) + allocation_lines(s)
-                     + figure)
+    return "\n".join(setup_lines(s) + main_table(s) + ratio_lines(s) + equal_cost_lines(s) + one_pass_lines(s)
+                     + allocation_lines(s) + figure)
 
 
 SERIES = [("single_own_schedule", "single model, own schedule of E epochs", "tab:gray", ":"),
@@ -768,7 +837,8 @@ def plot(s: dict, path: Path) -> str:
 
 RANGES = {"data_dir": PATH, "preset": CHOICE, "runs_dir": PATH, "out": PATH, "budgets": at_least(0, lo_open=True),
           "seeds": at_least(0), "workers": at_least(1), "stage": CHOICE, "single_max": at_least(0),
-          "baseline_groups": at_least(0), "no_allocations": SWITCH}
+          "baseline_groups": at_least(0), "no_allocations": SWITCH, "student_budgets": at_least(0, lo_open=True),
+          "student_epochs": at_least(0, lo_open=True)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -788,6 +858,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-groups", type=int, default=0,
                    help="independent groups of baseline members (default 0: one per seed)")
     p.add_argument("--no-allocations", action="store_true", help="skip the allocation search")
+    p.add_argument("--student-budgets", type=float, nargs="*",
+                   help="budgets whose populations are distilled into students (default: the largest budget; "
+                        "none given: no students)")
+    p.add_argument("--student-epochs", type=float, default=16, help="each student's own epochs (default: %(default)s)")
     return p
 
 
@@ -835,9 +909,16 @@ def setup(args, extra: list[str]) -> Study:
     for path, flag in ((runs, "--runs-dir"), (out, "--out")):
         if path.exists() and not path.is_dir():
             raise UsageError(f"{flag} {path} is a file; give a folder")
+    students = [budgets[-1]] if args.student_budgets is None else sorted(set(args.student_budgets))
+    if set(students) - set(budgets):
+        raise UsageError(f"--student-budgets {fmt(min(set(students) - set(budgets)))} is not in --budgets: there is "
+                         f"no population to distil there")
+    if students:  # the student's own flags, checked now (a teacher's path is only read when it trains)
+        train_flags(["--preset", args.preset, "--data-dir", str(data_dir), "--epochs", fmt(args.student_epochs),
+                     "--distil-k", str(STUDENT_K), *extra], f"--student-epochs {fmt(args.student_epochs)}")
     runs.mkdir(parents=True, exist_ok=True)
     return Study(args.preset, data_dir, runs, out, budgets, seeds, args.workers, args.single_max, args.baseline_groups,
-                 not args.no_allocations, extra, data, corpus)
+                 not args.no_allocations, students, args.student_epochs, extra, data, corpus)
 
 
 @command
@@ -852,7 +933,9 @@ def main(argv=None) -> int:
     allocations = stage_allocations(study) if upto >= 1 and study.allocations else None
     baseline = stage_baseline(study, single) if upto >= 2 else None
     q0 = stage_q0(study, baseline) if upto >= 3 else None
-    if upto < 4:
+    if upto >= 4:
+        stage_students(study, q0)
+    if upto < STAGES.index("report"):
         print(f"done up to --stage {args.stage}; the report: rerun with --stage report")
         return 0
     summary = report(study, single, baseline, allocations, q0)

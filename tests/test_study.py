@@ -237,7 +237,7 @@ def in_process(script: str, args: list[str], log) -> int:
 
 def study_argv(data, runs, workers=1, *flags):
     return ["--preset", "tiny", "--data-dir", data, "--runs-dir", runs, "--budgets", "1", "2", "--seeds", "0",
-            "--workers", workers, *flags, "--", *TINY[2:]]
+            "--workers", workers, "--student-epochs", "1", *flags, "--", *TINY[2:]]
 
 
 def check_report(data, runs):
@@ -258,6 +258,18 @@ def check_report(data, runs):
     assert s["baseline"]["by_members"]["1"]["val"] == [one]
     assert s["table"][1]["equal_cost"] == pytest.approx([s["table"][1]["q0_k_match"][0] - s["table"][1]["baseline"][0]])
     assert "## Epochs to match the ensemble baseline" in md and "## Equal inference cost" in md
+    student = json.loads((runs / "students" / "st-e2-s0" / "manifest.json").read_text())["snapshots"]
+    pick = min(student, key=lambda x: x["fitness_loss"])  # one forward pass, chosen on the fitness set
+    groups = s["baseline"]["groups"][0]
+    member = min(groups, key=lambda m: s["baseline"]["members"][str(m)]["fitness"])
+    assert s["one_pass"] == [{"budget": 2, "student": [pick["val_loss"]],
+                              "student_epochs": [s["q0"]["2"][0]["epochs"] + pick["base_epochs"]],
+                              "best_member": [s["baseline"]["members"][str(member)]["val"]], "best_member_seeds": [member],
+                              "group_members": len(groups), "student_minus_member": [pytest.approx(
+                                  pick["val_loss"] - s["baseline"]["members"][str(member)]["val"])],
+                              "q0_prior": s["table"][1]["q0_prior"],
+                              "q0_prior_forward_passes": s["table"][1]["q0_prior_forward_passes"]}]
+    assert "## One forward pass: the student against the baseline's best member" in md
     return s
 
 
