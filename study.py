@@ -12,8 +12,9 @@ can be stopped and the same command rerun.
 
 Stages, in order (each needs the ones before it):
   single       one model, one linear-decay schedule of E epochs, for E in --budgets (and 6, 10, 12
-               and 14 below the largest budget, near where the cpu preset's single model is best),
-               every seed: the saturation curve.
+               and 14 below the largest budget, near where the cpu preset's single model is best;
+               and 1.25 and 1.5 x the best when the next schedule is further), every seed: the
+               saturation curve.
   allocations  q0 layouts tried at the budgets of ALLOCATIONS that --budgets holds (seed 0): the
                search the `--epochs` recipe came from (--no-allocations skips it).
   baseline     independent members, each with the schedule E* whose mean fitness loss is lowest,
@@ -61,6 +62,7 @@ ROOT = Path(__file__).resolve().parent
 STAGES = ("single", "allocations", "baseline", "q0", "students", "report")
 DEFAULT_BUDGETS = [1, 2, 4, 8, 16, 32, 64]
 SINGLE_EXTRA = (6, 10, 12, 14)  # finer points near the cpu preset's single-model optimum (12 epochs)
+REFINE = (1.25, 1.5)            # E* x these are tried too when the next schedule is further (16 -> 32: 20, 24)
 STUDENT_K = 8                   # the student's teacher: the prior's 8 heaviest snapshots (records/2026-11-24_distil-cpu)
 BASELINE_SEED0 = 100            # baseline members: seeds 100+, group g at 100 + 1000 g (disjoint from q0's)
 ALLOCATIONS = {                 # budget -> (bases, first-cycle epochs, cycle epochs) tried at seed 0
@@ -320,8 +322,26 @@ def single_points(study: Study) -> list[float]:
     return sorted(e for e in points if not study.single_max or e <= study.single_max)
 
 
+def refinement(study: Study, points: list[float], e_star: float) -> list[float]:
+    """Schedules between E* and the next longer one when that is more than REFINE[-1] x E* away: a
+    corpus whose single model is best beyond the extra points (16 of 16 and 32) gets its minimum
+    placed, so the baseline's members are as strong as they can be."""
+    longer = [e for e in points if e > e_star]
+    if not longer or longer[0] <= e_star * REFINE[-1] * (1 + NEAR_ZERO):
+        return []
+    return [e for e in (e_star * r for r in REFINE) if not study.single_max or e <= study.single_max]
+
+
 def stage_single(study: Study) -> dict:
     points = single_points(study)
+    out = train_single(study, points)
+    while more := refinement(study, points, best_single(out)["epochs"]):
+        points = sorted(set(points) | set(more))
+        out = train_single(study, points)
+    return out
+
+
+def train_single(study: Study, points: list[float]) -> dict:
     name = lambda e, s: f"single-e{fmt(e)}-s{s}"  # noqa: E731
     train_all(study, [(name(e, s), single_flags(e, s)) for e in reversed(points) for s in study.seeds])  # longest first
     out = {}

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -85,6 +86,16 @@ def test_baseline_groups_pair_with_seeds():
     row = study.ratio_tables(Q0, grouped, [0, 1])["q0_prior"][0]
     assert row["target"] == [2.25, 2.0]  # seed 0 against group 0, seed 1 against group 1
     assert study.paired([2.25, 2.0, 2.1], 2) == pytest.approx([2.1166666, 2.1166666])  # otherwise the mean
+
+
+def test_the_single_model_is_refined_beyond_a_wide_gap():
+    """E* = 16 with 32 next: 20 and 24 are tried (Python's docs); E* = 12 with 14 next: nothing."""
+    wide = types.SimpleNamespace(single_max=0)
+    assert study.refinement(wide, [8, 12, 14, 16, 32], 16) == [20, 24]
+    assert study.refinement(wide, [8, 12, 14, 16, 20, 24, 32], 24) == []
+    assert study.refinement(wide, [8, 12, 14, 16, 32], 12) == []
+    assert study.refinement(wide, [8, 12, 14, 16, 32], 32) == []  # the longest: nothing above to place
+    assert study.refinement(types.SimpleNamespace(single_max=22), [8, 16, 32], 16) == [20]
 
 
 def test_equal_cost_is_signed_and_per_seed():
@@ -166,6 +177,8 @@ def one_error(capsys, *needles):
     (["--budgets", "1e300"], ["--budgets 1e+300", "smaller budget"]),
     (["--budgets", "0"], ["--budgets 0"]),
     (["--workers", "0"], ["--workers 0"]),
+    (["--student-budgets", "3"], ["--student-budgets 3", "not in --budgets"]),
+    (["--student-epochs", "0"], ["--student-epochs 0"]),
 ])
 def test_bad_input_is_one_line(small_data, tmp_path, capsys, flags, needles):
     i = flags.index("--") if "--" in flags else len(flags)
