@@ -98,6 +98,7 @@ class Study:
     single_max: float       # 0: no limit
     groups: int             # baseline groups
     allocations: bool
+    search_budgets: list[float]  # the budgets the allocations stage searches
     student_budgets: list[float]
     student_epochs: float
     extra: list[str]        # train_q0.py flags after `--`
@@ -442,7 +443,7 @@ def alloc_name(budget: float, bases: int, first: float, cycle: float) -> str:
 def allocation_trials(study: Study) -> dict:
     """The layouts the allocations stage tries (none with --no-allocations: then no run it left is
     reused, as none of them is checked against the study's flags)."""
-    return {b: trials for b, trials in ALLOCATIONS.items() if b in study.budgets and study.allocations}
+    return {b: trials for b, trials in ALLOCATIONS.items() if b in study.search_budgets and study.allocations}
 
 
 def recipe_trial(study: Study, epochs: float) -> tuple | None:
@@ -858,7 +859,7 @@ def plot(s: dict, path: Path) -> str:
 RANGES = {"data_dir": PATH, "preset": CHOICE, "runs_dir": PATH, "out": PATH, "budgets": at_least(0, lo_open=True),
           "seeds": at_least(0), "workers": at_least(1), "stage": CHOICE, "single_max": at_least(0),
           "baseline_groups": at_least(0), "no_allocations": SWITCH, "student_budgets": at_least(0, lo_open=True),
-          "student_epochs": at_least(0, lo_open=True)}
+          "student_epochs": at_least(0, lo_open=True), "search_budgets": at_least(0, lo_open=True)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -878,6 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-groups", type=int, default=0,
                    help="independent groups of baseline members (default 0: one per seed)")
     p.add_argument("--no-allocations", action="store_true", help="skip the allocation search")
+    p.add_argument("--search-budgets", type=float, nargs="+",
+                   help="search the allocations only at these budgets (default: every budget of study.ALLOCATIONS "
+                        "in --budgets)")
     p.add_argument("--student-budgets", type=float, nargs="*",
                    help="budgets whose populations are distilled into students (default: the largest budget; "
                         "none given: no students)")
@@ -936,9 +940,14 @@ def setup(args, extra: list[str]) -> Study:
     if students:  # the student's own flags, checked now (a teacher's path is only read when it trains)
         train_flags(["--preset", args.preset, "--data-dir", str(data_dir), "--epochs", fmt(args.student_epochs),
                      "--distil-k", str(STUDENT_K), *extra], f"--student-epochs {fmt(args.student_epochs)}")
+    search = [b for b in ALLOCATIONS if b in budgets] if args.search_budgets is None else sorted(set(args.search_budgets))
+    if set(search) - (set(ALLOCATIONS) & set(budgets)):
+        raise UsageError(f"--search-budgets {fmt(min(set(search) - (set(ALLOCATIONS) & set(budgets))))}: the search has "
+                         f"layouts at {', '.join(fmt(b) for b in sorted(set(ALLOCATIONS) & set(budgets)))} of --budgets; "
+                         f"choose among them")
     runs.mkdir(parents=True, exist_ok=True)
     return Study(args.preset, data_dir, runs, out, budgets, seeds, args.workers, args.single_max, args.baseline_groups,
-                 not args.no_allocations, students, args.student_epochs, extra, data, corpus)
+                 not args.no_allocations, search, students, args.student_epochs, extra, data, corpus)
 
 
 @command

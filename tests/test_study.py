@@ -179,6 +179,7 @@ def one_error(capsys, *needles):
     (["--workers", "0"], ["--workers 0"]),
     (["--student-budgets", "3"], ["--student-budgets 3", "not in --budgets"]),
     (["--student-epochs", "0"], ["--student-epochs 0"]),
+    (["--search-budgets", "3"], ["--search-budgets 3", "layouts at 1, 2"]),
 ])
 def test_bad_input_is_one_line(small_data, tmp_path, capsys, flags, needles):
     i = flags.index("--") if "--" in flags else len(flags)
