@@ -238,6 +238,12 @@ NON_POPULATION_FLAGS = {"preset", "device_batch", "groups", "eval_batch", "compi
 #   cpu, tiny: measured by the CPU study (records/2026-11-23_shakespeare-cpu: 27 allocations at 1
 #              to 64 epochs): first 8 (the single model's best is 10), cycles of 1 epoch; at 64
 #              epochs two bases beat one and four (at 32, two beat one by 0.011 on one seed).
+#              Searched again with the record's model, whose single model is best at 12 to 16
+#              epochs, on Python's docs at 8 to 64 epochs and on Shakespeare at 32 and 64
+#              (records/2026-12-05_two-corpora-cpu): at 32 and 64 every other layout loses on both
+#              corpora (a first stretch of 12 by 0.025 to 0.050 nats, 2-epoch cycles or a second
+#              base at 32 by 0.013 to 0.072); 2-epoch cycles gain 0.008 at 16 on Python's docs only.
+#              Kept.
 #   slowrun:   the published guidance (one base up to 128 epochs) and the record's 2-epoch cycles;
 #              first_max 16 is where the single model saturates there. Not measured by us.
 @dataclasses.dataclass(frozen=True)

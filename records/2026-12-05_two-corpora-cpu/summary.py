@@ -24,13 +24,15 @@ def allocation_table(studies: list[tuple[str, dict]]) -> list[str]:
     recipe's layout (study.ALLOCATIONS lists it first) on the same corpus (negative: better), and q0
     at K = 1 (the prior's single heaviest snapshot)."""
     out = ["| budget | bases x first + cycles of | " + " | ".join(
-        f"{name}: prior (minus the recipe's); K = 1" for name, _ in studies) + " | mean difference, prior |",
+        f"{name}: prior (minus the recipe's); K = 1" for name, _ in studies) + " | mean difference, prior (searched corpora) |",
            "|---|---|" + "---|" * len(studies) + "---|"]
     for b in ("8", "16", "32", "64"):
-        trials = [s["allocations"][b] for _, s in studies]
-        for i, t0 in enumerate(trials[0]):
-            diffs = [ts[i]["prior_val"] - ts[0]["prior_val"] for ts in trials]
-            cells = [f"{ts[i]['prior_val']:.4f} ({signed(d)}); {ts[i]['k_val']['1']:.4f}" for ts, d in zip(trials, diffs)]
+        trials = [s["allocations"].get(b) for _, s in studies]
+        layouts = next(ts for ts in trials if ts)
+        for i, t0 in enumerate(layouts):
+            diffs = [ts[i]["prior_val"] - ts[0]["prior_val"] for ts in trials if ts]
+            cells = [f"{ts[i]['prior_val']:.4f} ({signed(ts[i]['prior_val'] - ts[0]['prior_val'])}); "
+                     f"{ts[i]['k_val']['1']:.4f}" if ts else "not searched" for ts in trials]
             out.append(f"| {b} | {t0['bases']} x {t0['first']:g} + {t0['cycle']:g}{' (recipe)' if i == 0 else ''} | "
                        + " | ".join(cells) + f" | {signed(mean(diffs))} |")
     return out
