@@ -859,7 +859,8 @@ def plot(s: dict, path: Path) -> str:
 RANGES = {"data_dir": PATH, "preset": CHOICE, "runs_dir": PATH, "out": PATH, "budgets": at_least(0, lo_open=True),
           "seeds": at_least(0), "workers": at_least(1), "stage": CHOICE, "single_max": at_least(0),
           "baseline_groups": at_least(0), "no_allocations": SWITCH, "student_budgets": at_least(0, lo_open=True),
-          "student_epochs": at_least(0, lo_open=True), "search_budgets": at_least(0, lo_open=True)}
+          "student_epochs": at_least(0, lo_open=True), "search_budgets": at_least(0, lo_open=True),
+          "no_students": SWITCH}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -882,9 +883,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-budgets", type=float, nargs="+",
                    help="search the allocations only at these budgets (default: every budget of study.ALLOCATIONS "
                         "in --budgets)")
-    p.add_argument("--student-budgets", type=float, nargs="*",
-                   help="budgets whose populations are distilled into students (default: the largest budget; "
-                        "none given: no students)")
+    p.add_argument("--student-budgets", type=float, nargs="+",
+                   help="budgets whose populations are distilled into students (default: the largest budget)")
+    p.add_argument("--no-students", action="store_true", help="skip the students")
     p.add_argument("--student-epochs", type=float, default=16, help="each student's own epochs (default: %(default)s)")
     return p
 
@@ -933,7 +934,8 @@ def setup(args, extra: list[str]) -> Study:
     for path, flag in ((runs, "--runs-dir"), (out, "--out")):
         if path.exists() and not path.is_dir():
             raise UsageError(f"{flag} {path} is a file; give a folder")
-    students = [budgets[-1]] if args.student_budgets is None else sorted(set(args.student_budgets))
+    students = [] if args.no_students else [budgets[-1]] if args.student_budgets is None \
+        else sorted(set(args.student_budgets))
     if set(students) - set(budgets):
         raise UsageError(f"--student-budgets {fmt(min(set(students) - set(budgets)))} is not in --budgets: there is "
                          f"no population to distil there")

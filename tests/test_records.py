@@ -38,8 +38,25 @@ def test_tables_are_generated_from_the_json_and_copied_verbatim(study, summary):
     md = study.markdown(summary)
     assert (RECORD / "study" / "study.md").read_text() == md + "\n"
     tables = md[:md.index("Epochs really spent")].strip()
-    assert tables in (REPO / "README.md").read_text()
     assert tables in (RECORD / "README.md").read_text()
+
+
+def test_the_two_corpora_record_is_the_reports_own_and_the_readme_copies_it():
+    """records/2026-12-05_two-corpora-cpu: each study.md is study.py's markdown of its study.json,
+    README's Shakespeare table is copied from it, and the side-by-side table is summary.py's."""
+    import study as current
+    record = REPO / "records" / "2026-12-05_two-corpora-cpu"
+    readme = (REPO / "README.md").read_text()
+    for corpus in ("shakespeare", "python-docs"):
+        md = current.markdown(json.loads((record / corpus / "study.json").read_text()))
+        assert (record / corpus / "study.md").read_text() == md + "\n"
+        if corpus == "shakespeare":
+            assert md[md.index("| epochs | single"):md.index("Epochs really spent")].strip() in readme
+    spec = importlib.util.spec_from_file_location("two_corpora_summary", record / "summary.py")
+    summary_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary_py)
+    side_by_side = "\n".join(summary_py.headline([(name, summary_py.load(folder)) for name, folder in summary_py.CORPORA]))
+    assert side_by_side in readme and side_by_side in (record / "README.md").read_text()
 
 
 def assert_log_holds_the_code(run_dir):
