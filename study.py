@@ -97,8 +97,7 @@ class Study:
     workers: int
     single_max: float       # 0: no limit
     groups: int             # baseline groups
-    allocations: bool
-    search_budgets: list[float]  # the budgets the allocations stage searches
+    search_budgets: list[float]  # the budgets the allocations stage searches (none with --no-allocations)
     student_budgets: list[float]
     student_epochs: float
     extra: list[str]        # train_q0.py flags after `--`
@@ -443,7 +442,7 @@ def alloc_name(budget: float, bases: int, first: float, cycle: float) -> str:
 def allocation_trials(study: Study) -> dict:
     """The layouts the allocations stage tries (none with --no-allocations: then no run it left is
     reused, as none of them is checked against the study's flags)."""
-    return {b: trials for b, trials in ALLOCATIONS.items() if b in study.search_budgets and study.allocations}
+    return {b: trials for b, trials in ALLOCATIONS.items() if b in study.search_budgets}
 
 
 def recipe_trial(study: Study, epochs: float) -> tuple | None:
@@ -770,7 +769,7 @@ def one_pass_lines(s: dict) -> list[str]:
         return []
     e_star = fmt(s["baseline"]["member_epochs"])
     out = ["", "## One forward pass: the student against the baseline's best member", "",
-           f"The student learns from its population's 8 heaviest snapshots; the member is the one of its group's "
+           f"The student learns from its population's {STUDENT_K} heaviest snapshots; the member is the one of its group's "
            f"{s['one_pass'][0]['group_members']} {e_star}-epoch members with the lowest fitness loss (seeds "
            f"{', '.join(map(str, s['one_pass'][0]['best_member_seeds']))}). Epochs: the student's population plus "
            f"its own; the member's own {e_star} (its group cost {s['one_pass'][0]['group_members']} x {e_star}).", "",
@@ -942,14 +941,15 @@ def setup(args, extra: list[str]) -> Study:
     if students:  # the student's own flags, checked now (a teacher's path is only read when it trains)
         train_flags(["--preset", args.preset, "--data-dir", str(data_dir), "--epochs", fmt(args.student_epochs),
                      "--distil-k", str(STUDENT_K), *extra], f"--student-epochs {fmt(args.student_epochs)}")
-    search = [b for b in ALLOCATIONS if b in budgets] if args.search_budgets is None else sorted(set(args.search_budgets))
+    search = [] if args.no_allocations else [b for b in ALLOCATIONS if b in budgets] if args.search_budgets is None \
+        else sorted(set(args.search_budgets))
     if set(search) - (set(ALLOCATIONS) & set(budgets)):
         raise UsageError(f"--search-budgets {fmt(min(set(search) - (set(ALLOCATIONS) & set(budgets))))}: the search has "
                          f"layouts at {', '.join(fmt(b) for b in sorted(set(ALLOCATIONS) & set(budgets)))} of --budgets; "
                          f"choose among them")
     runs.mkdir(parents=True, exist_ok=True)
     return Study(args.preset, data_dir, runs, out, budgets, seeds, args.workers, args.single_max, args.baseline_groups,
-                 not args.no_allocations, search, students, args.student_epochs, extra, data, corpus)
+                 search, students, args.student_epochs, extra, data, corpus)
 
 
 @command
@@ -961,7 +961,7 @@ def main(argv=None) -> int:
     print(f"study of {study.corpus['name']}: runs in {study.runs}", flush=True)
     single = stage_single(study)
     print(f"single: E* = {fmt(best_single(single)['epochs'])} epochs (lowest mean fitness loss)", flush=True)
-    allocations = stage_allocations(study) if upto >= 1 and study.allocations else None
+    allocations = stage_allocations(study) if upto >= 1 and study.search_budgets else None
     baseline = stage_baseline(study, single) if upto >= 2 else None
     q0 = stage_q0(study, baseline) if upto >= 3 else None
     if upto >= 4:
